@@ -1,0 +1,283 @@
+"""QwenSiglip: a SigLIP vision tower and a Qwen2 LM joined by a two-layer MLP projector.
+
+Notable:
+- Composed, not rewritten: the tower and the LM come from `AutoModel.from_config` of the sub-configs. Our code is
+  the projector (with an optional pixel shuffle in front), the merge of image features into the LM's input
+  embeddings at the image-token positions, and the loss.
+- Module names mirror transformers' LLaVA (`model.vision_tower`, `model.multi_modal_projector.linear_1/2`,
+  `model.language_model`, `lm_head`), so exporting to `LlavaForConditionalGeneration` copies weights unrenamed.
+- `base_model_prefix = "model"` and `QwenSiglipModel` returns `last_hidden_state`: TRL's SFTTrainer swaps our
+  forward for a fused LM head that calls `model.model(...)`, so nothing essential may live only in the top forward.
+- A frozen vision tower runs under `no_grad`: stage-1/2 training then keeps none of its activations.
+- `from_pretrained_parts` composes a fresh model from two pretrained bases, loading each strictly.
+"""
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
+
+try:  # a saved checkpoint imports its sibling file as part of a dynamic package
+    from .configuration_qwen_siglip import QwenSiglipConfig
+except ImportError:  # the repo itself, imported as top-level modules
+    from configuration_qwen_siglip import QwenSiglipConfig
+
+logger = logging.get_logger(__name__)
+
+
+def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Fold each `factor x factor` block of patches into one token: (B, N, D) -> (B, N / f^2, D * f^2)."""
+    if factor == 1:
+        return x
+    b, n, d = x.shape
+    side = int(n**0.5)
+    x = x.view(b, side // factor, factor, side // factor, factor, d)  # (B, h, f, w, f, D)
+    x = x.permute(0, 1, 3, 2, 4, 5)  # (B, h, w, f, f, D): the f x f neighbours of a block sit together
+    return x.reshape(b, (side // factor) ** 2, factor * factor * d)
+
+
+class QwenSiglipMultiModalProjector(nn.Module):
+    """LLaVA's projector: Linear -> GELU -> Linear, from (shuffled) vision width to the LM's hidden size."""
+
+    def __init__(self, config: QwenSiglipConfig):
+        super().__init__()
+        in_features = config.vision_config.hidden_size * config.pixel_shuffle_factor**2
+        hidden = config.text_config.hidden_size
+        self.linear_1 = nn.Linear(in_features, hidden, bias=config.multimodal_projector_bias)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(hidden, hidden, bias=config.multimodal_projector_bias)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(image_features)))
+
+
+class QwenSiglipPreTrainedModel(PreTrainedModel):
+    config: QwenSiglipConfig
+    config_class = QwenSiglipConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _no_split_modules = ["SiglipEncoderLayer", "Qwen2DecoderLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # the image/token count check reads a tensor value
+
+
+class QwenSiglipModel(QwenSiglipPreTrainedModel):
+    """Vision tower + projector + LM body (no LM head); returns the LM's `last_hidden_state`."""
+
+    def __init__(self, config: QwenSiglipConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = QwenSiglipMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n_images, 3, H, W) pixels -> (n_images, num_image_tokens, text_hidden) LM-ready features."""
+        vision = self.config.vision_config
+        expected = (3, vision.image_size, vision.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values must have shape (num_images, {', '.join(map(str, expected))}), got "
+                f"{tuple(pixel_values.shape)}; use the model's processor to resize images"
+            )
+        pixel_values = pixel_values.to(self.vision_tower.dtype)
+        # A frozen tower needs no activations kept for backward: run it without autograd (saves memory and time).
+        tower_trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_tower.parameters())
+        with torch.set_grad_enabled(tower_trains):
+            out = self.vision_tower(pixel_values, output_hidden_states=True)
+        features = out.hidden_states[self.config.vision_feature_layer]  # (n_images, N, Dv)
+        features = pixel_shuffle(features, self.config.pixel_shuffle_factor)  # (n_images, N/s^2, Dv*s^2)
+        return self.multi_modal_projector(features)  # (n_images, num_image_tokens, D)
+
+    def merge_image_features(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        """Write image features, in order, over the embeddings of the image tokens: (B, L, D) -> (B, L, D)."""
+        mask = input_ids == self.config.image_token_id  # (B, L)
+        n_tokens, n_features = int(mask.sum()), image_features.shape[0] * image_features.shape[1]
+        if n_tokens != n_features:
+            raise ValueError(
+                f"Image features and image tokens do not match: the text holds {n_tokens} image tokens, the "
+                f"{image_features.shape[0]} image(s) give {n_features} features "
+                f"({self.config.num_image_tokens} per image). Each image needs exactly one placeholder expanded by "
+                "the processor, and truncation must not cut through an image."
+            )
+        features = image_features.reshape(-1, inputs_embeds.shape[-1]).to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, L, D)
+            if pixel_values is not None:
+                inputs_embeds = self.merge_image_features(
+                    input_ids, inputs_embeds, self.get_image_features(pixel_values)
+                )
+            elif (input_ids == self.config.image_token_id).any():
+                raise ValueError(
+                    "Image features and image tokens do not match: the text holds image tokens but no pixel_values "
+                    "were given"
+                )
+        elif pixel_values is not None:
+            raise ValueError("pixel_values need input_ids to find the image tokens; inputs_embeds were given")
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+
+class QwenSiglipForConditionalGeneration(QwenSiglipPreTrainedModel, GenerationMixin):
+    """The full VLM with its LM head: what `AutoModelForCausalLM`/`AutoModelForImageTextToText` load."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: QwenSiglipConfig):
+        super().__init__(config)
+        self.model = QwenSiglipModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        out = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = out.last_hidden_state  # (B, L, D)
+        # Generation only needs the last position's logits: skip the (B, L, vocab) matmul for the rest.
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            if input_ids is not None:  # image tokens are inputs, never targets, whatever the collator did
+                labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
+            loss = self.loss_function(logits, labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )
+
+    @classmethod
+    def from_pretrained_parts(
+        cls, vision: str, text: str, dtype: torch.dtype | str | None = None, **config_kwargs
+    ) -> "QwenSiglipForConditionalGeneration":
+        """Compose a fresh model from a SigLIP checkpoint and a Qwen2 causal LM checkpoint (Hub ids or folders).
+
+        Every base weight is loaded strictly: a missing or mis-shaped tensor raises. Only the projector starts
+        from random init. SigLIP's pooling head (and, for a full SigLIP checkpoint, its text half) is dropped on
+        purpose: the VLM never uses it, and unused parameters break DDP.
+        """
+        tower = _load_vision_base(vision, dtype)
+        lm, lm_info = AutoModelForCausalLM.from_pretrained(text, dtype=dtype, output_loading_info=True)
+        _raise_on_bad_load(text, lm_info)
+        if "image_token_id" not in config_kwargs:  # Qwen's <|image_pad|>, wherever this tokenizer has it
+            tokenizer = AutoTokenizer.from_pretrained(text)
+            config_kwargs["image_token_id"] = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        config = QwenSiglipConfig(vision_config=tower.config, text_config=lm.config, **config_kwargs)
+        model = cls(config).to(lm.dtype)
+        model.model.vision_tower.load_state_dict(tower.state_dict(), strict=True)
+        model.model.language_model.load_state_dict(lm.model.state_dict(), strict=True)
+        if not config.tie_word_embeddings:  # a tied head already shares the embedding matrix just loaded
+            model.lm_head.load_state_dict(lm.lm_head.state_dict(), strict=True)
+        model.generation_config.update(**_generation_defaults(lm))
+        model.config.name_or_path = ""
+        return model
+
+
+def _load_vision_base(path: str, dtype) -> nn.Module:
+    """Load SigLIP's vision tower alone, from a full SiglipModel checkpoint or a vision-only one."""
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "vision_config"):  # full SigLIP (vision + text): keep the vision half
+        config = config.vision_config
+    config.vision_use_head = False
+    # transformers would print every dropped key as UNEXPECTED; they are dropped on purpose, so say it once instead.
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        tower, info = AutoModel.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
+    finally:
+        logging.set_verbosity(verbosity)
+    _raise_on_bad_load(path, info)
+    if info.get("unexpected_keys"):
+        logger.info(f"{path}: dropped {len(info['unexpected_keys'])} tensors the VLM never uses (text half, head)")
+    return tower
+
+
+def _raise_on_bad_load(path: str, info: dict) -> None:
+    """Unexpected keys are fine (SigLIP's text half and head); missing or mis-shaped ones are not."""
+    problems = {k: info.get(k) for k in ("missing_keys", "mismatched_keys") if info.get(k)}
+    if problems:
+        raise ValueError(f"Base checkpoint {path!r} does not fit the architecture: {problems}")
+
+
+def _generation_defaults(lm: PreTrainedModel) -> dict:
+    """Carry the LM's end-of-turn and padding tokens over, so generation stops where the LM would."""
+    g = lm.generation_config
+    return {k: getattr(g, k) for k in ("eos_token_id", "pad_token_id", "bos_token_id") if getattr(g, k) is not None}
+
+
+# save_pretrained copies this file (and the config file it imports) beside the weights; config.auto_map lists the
+# other Auto classes.
+QwenSiglipForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = ["QwenSiglipForConditionalGeneration", "QwenSiglipModel", "QwenSiglipPreTrainedModel"]

@@ -1,0 +1,96 @@
+"""QwenSiglip processor: SigLIP's image processor + the Qwen2 tokenizer + a ChatML chat template.
+
+Notable:
+- An image is written `<|vision_start|><|image_pad|><|vision_end|>` in text and the single `<|image_pad|>` is
+  expanded to `num_image_tokens` copies (196 for SigLIP-base-224) by transformers' generic `ProcessorMixin.__call__`.
+  All three are tokens of Qwen's own vocabulary.
+- The literal `<image>` placeholder of LLaVA-style datasets is accepted in raw text and means the same thing.
+- The chat template is Qwen ChatML with `{"type": "image"}` / `{"type": "text"}` content; assistant turns sit
+  inside `{% generation %}` (end-of-turn token included) so TRL and `return_assistant_tokens_mask` can find them.
+- No default system prompt is injected: what the template renders is exactly what the messages say.
+- Placeholder/image count mismatches are caught per sample, before any tokenizing, with a message that says which.
+"""
+
+from transformers import AutoTokenizer, ProcessorMixin, SiglipImageProcessorPil
+from transformers.image_utils import make_flat_list_of_images
+
+IMAGE_TOKEN = "<|image_pad|>"
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"  # one image, before expansion
+LLAVA_PLACEHOLDER = "<image>"
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+    "{%- else -%}{%- set ns = namespace(text='') -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{%- set ns.text = ns.text + '<|vision_start|><|image_pad|><|vision_end|>' -%}"
+    "{%- elif item['type'] == 'text' -%}{%- set ns.text = ns.text + item['text'] -%}{%- endif -%}"
+    "{%- endfor -%}{%- set text = ns.text -%}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{% generation %}{{ text + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{%- else -%}{{- text + '<|im_end|>\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+
+
+class QwenSiglipProcessor(ProcessorMixin):
+    """Turns chat text with image placeholders plus PIL images into `input_ids`, `attention_mask`, `pixel_values`."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template: str | None = None, num_image_tokens=196):
+        self.num_image_tokens = num_image_tokens
+        self.image_token = IMAGE_TOKEN
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"The tokenizer has no {IMAGE_TOKEN} token; QwenSiglip needs Qwen's vision tokens")
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
+
+    def __call__(self, images=None, text=None, **kwargs):
+        if text is not None:
+            text = [text] if isinstance(text, str) else list(text)
+            text = [sample.replace(LLAVA_PLACEHOLDER, IMAGE_PLACEHOLDER) for sample in text]
+            self._check_placeholder_counts(images, text)
+        elif images is not None:
+            raise ValueError("Images need text with one image placeholder each (e.g. '<image>\\nDescribe it.')")
+        return super().__call__(images=images, text=text, **kwargs)
+
+    def _check_placeholder_counts(self, images, text: list[str]) -> None:
+        counts = [sample.count(IMAGE_TOKEN) for sample in text]
+        if images is None:
+            n_images = 0
+        elif (
+            isinstance(images, (list, tuple))
+            and len(images) == len(text)
+            and all(isinstance(x, (list, tuple)) for x in images)
+        ):  # one list of images per sample: check each sample on its own
+            for i, (n, imgs) in enumerate(zip(counts, images)):
+                if n != len(imgs):
+                    raise ValueError(f"Sample {i} has {n} image placeholder(s) but {len(imgs)} image(s) were given")
+            return
+        else:
+            n_images = len(make_flat_list_of_images(images))
+        if sum(counts) != n_images:
+            raise ValueError(
+                f"The text has {sum(counts)} image placeholder(s) (per sample: {counts}) but {n_images} image(s) "
+                "were given; write one '<image>' or {'type': 'image'} per image"
+            )
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return IMAGE_TOKEN * self.num_image_tokens
+
+    @classmethod
+    def from_pretrained_parts(cls, vision: str, text: str, num_image_tokens: int) -> "QwenSiglipProcessor":
+        """Build the processor of a fresh model from its two bases (Hub ids or folders), e.g. SigLIP + Qwen2.5.
+
+        `num_image_tokens` must equal the model config's `num_image_tokens`.
+        """
+        # The PIL backend needs no torchvision; SigLIP's own preprocessor_config.json gives size and normalisation.
+        image_processor = SiglipImageProcessorPil.from_pretrained(vision)
+        tokenizer = AutoTokenizer.from_pretrained(text)
+        return cls(image_processor, tokenizer, num_image_tokens=num_image_tokens)
+
+
+QwenSiglipProcessor.register_for_auto_class()  # save_pretrained copies this file and writes its auto_map
+
+__all__ = ["QwenSiglipProcessor"]

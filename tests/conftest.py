@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny bases saved like Hub checkpoints, the tiny model built from them, and a saved checkpoint.
+
+Everything is built offline in temporary folders; nothing here is downloaded.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+from modeling_qwen_siglip import QwenSiglipForConditionalGeneration  # noqa: E402
+from processing_qwen_siglip import QwenSiglipProcessor  # noqa: E402
+from tiny import save_tiny_bases  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_bases(tmp_path_factory) -> tuple[Path, Path]:
+    """(vision_dir, text_dir): a tiny SigLIP (32 px, 8 px patches: 16 patches) and a tiny Qwen2, saved."""
+    return save_tiny_bases(tmp_path_factory.mktemp("bases"))
+
+
+def build_tiny(bases: tuple[Path, Path], spread: bool = True, **config_kwargs):
+    """Compose a tiny model + processor from saved bases, through the real builder."""
+    vision_dir, text_dir = bases
+    vision, text = str(vision_dir), str(text_dir)
+    model = QwenSiglipForConditionalGeneration.from_pretrained_parts(vision, text, **config_kwargs)
+    processor = QwenSiglipProcessor.from_pretrained_parts(vision, text, model.config.num_image_tokens)
+    if spread:
+        # A freshly initialised LM (std 0.02) greedily repeats one token, which would make generation tests pass
+        # vacuously. Wider weights give varied, image-dependent continuations.
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.3)
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_bases):
+    """A tiny model (eval mode) and its processor. Tests must not modify them."""
+    torch.manual_seed(0)
+    return build_tiny(tiny_bases)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny, tmp_path_factory) -> Path:
+    """The tiny model and processor saved with save_pretrained, as a Hub repo would hold them."""
+    model, processor = tiny
+    folder = tmp_path_factory.mktemp("checkpoint")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def shape_image(color: str = "red", size: int = 48, box: tuple = (8, 8, 30, 30)) -> Image.Image:
+    """A coloured square on white: distinct images give distinct pixel_values."""
+    img = Image.new("RGB", (size, size), "white")
+    ImageDraw.Draw(img).rectangle(box, fill=color)
+    return img
+
+
+def user_turn(text: str, n_images: int = 1) -> list[dict]:
+    """A one-turn chat: `n_images` image items then the question."""
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+    return [{"role": "user", "content": content}]

@@ -1,0 +1,99 @@
+"""Tiny SigLIP and Qwen2 base checkpoints, built in code and saved like the real Hub repos.
+
+Notable:
+- Nothing is downloaded: the vision base is a full `SiglipModel` (text half and pooling head included, as in
+  google/siglip-base-patch16-224) with a PIL image processor; the text base is a `Qwen2ForCausalLM` with tied
+  embeddings and a byte-level BPE tokenizer trained here that carries Qwen's special tokens.
+- Tests and the embedded quickstart then go through the same `from_pretrained_parts` path as the real bases.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    GenerationConfig,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2Tokenizer,
+    SiglipConfig,
+    SiglipImageProcessorPil,
+    SiglipModel,
+)
+
+# Qwen2.5's special tokens that the VLM relies on (their ids differ here; the code never hard-codes them).
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+DEFAULT_CORPUS = [
+    "user assistant system Describe the image. What is in the picture? A photo of a cat on a red sofa.",
+    "What colour is the shape? How many shapes are there? Where is it? left right top bottom middle",
+    "请描述这张图片。图片里有什么？这个形状是什么颜色？红色 绿色 蓝色 黄色 圆形 正方形 三角形",
+    "0 1 2 3 4 5 6 7 8 9 , . ? ! : ; ' \" ( ) - one two three circle square triangle",
+]
+
+
+def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 512) -> Qwen2Tokenizer:
+    """A byte-level BPE Qwen2 tokenizer trained on `texts`; any text still encodes (bytes are the fallback)."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts or DEFAULT_CORPUS, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    return Qwen2Tokenizer(
+        vocab=model["vocab"],
+        merges=[tuple(m) for m in model["merges"]],
+        eos_token="<|im_end|>",  # as in Qwen2.5-Instruct: a chat turn ends generation
+        pad_token="<|endoftext|>",
+        extra_special_tokens=SPECIAL_TOKENS[1:],
+    )
+
+
+def save_tiny_bases(
+    out_dir: str | Path,
+    texts: list[str] | None = None,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    seed: int = 0,
+) -> tuple[Path, Path]:
+    """Save a tiny SigLIP base and a tiny Qwen2 base under `out_dir`; return (vision_dir, text_dir)."""
+    out_dir = Path(out_dir)
+    vision_dir, text_dir = out_dir / "siglip", out_dir / "qwen2"
+    torch.manual_seed(seed)
+    small = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * hidden)
+    siglip = SiglipConfig(
+        vision_config=dict(**small, image_size=image_size, patch_size=patch_size),
+        # SigLIP's text half is dropped by the builder; it only has to be a valid model (ids inside its vocab).
+        text_config=dict(
+            **small, vocab_size=64, max_position_embeddings=16, pad_token_id=1, bos_token_id=0, eos_token_id=2
+        ),
+    )
+    SiglipModel(siglip).save_pretrained(vision_dir)
+    SiglipImageProcessorPil(
+        size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    ).save_pretrained(vision_dir)
+
+    tokenizer = build_tokenizer(texts)
+    tokenizer.save_pretrained(text_dir)
+    im_end, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    qwen = Qwen2Config(
+        **small,
+        num_key_value_heads=max(1, heads // 2),
+        vocab_size=-(-len(tokenizer) // 64) * 64,  # padded like Qwen's 151936 > len(tokenizer)
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        eos_token_id=im_end,
+        pad_token_id=pad,
+        bos_token_id=None,
+    )
+    Qwen2ForCausalLM(qwen).save_pretrained(text_dir)
+    GenerationConfig(eos_token_id=[im_end, pad], pad_token_id=pad).save_pretrained(text_dir)
+    return vision_dir, text_dir

@@ -4,9 +4,12 @@ Writes PNGs, stage-1 captions (LLaVA format) and stage-2 questions (minimind-v f
 SigLIP + Qwen2 model learns in a few CPU minutes, while the same model fed blank images stays near chance.
 
 What is notable:
-- The layout matches the vision tower. A 32 px image is a 2x2 grid of 16 px cells, each exactly 2x2 of the
-  8 px SigLIP patches. Every shape (11-13 px) sits alone inside its own cell, so shapes never overlap or
-  touch, and colour, shape, side and count are all local features a 2-layer encoder can pick up.
+- The layout matches the vision tower. A 48 px image is a 2x2 grid of 24 px cells, each exactly 3x3 of the
+  8 px SigLIP patches. Every shape (17-19 px) sits alone inside its own cell, so shapes never overlap or
+  touch, and colour, shape, side and count are all local features a 2-layer encoder can pick up. Why 48 and
+  not 32 px: with 2x2 patches a cell, a circle and a square differ only in a few corner pixels of each patch,
+  and a random tiny tower took several times longer to tell them apart (measured: 43-86% shape accuracy after
+  1500 steps at 32 px, 92-98% after 1000 steps at 48 px).
 - Answers are one canonical word or digit, in English or Chinese, so exact match is meaningful. Colour,
   shape and position ("left"/"right") are asked only of single-shape images; count of images with 1-3.
 - Items are planned answer-first: (question kind, answer, language) cycles through every combination and
@@ -57,6 +60,7 @@ DESCRIBE = {
     "zh": ["描述这张图片。", "图片里有什么？", "请简单描述这张图。"],
 }
 MULTI_TURN = 0.25  # share of single-shape train items that get a second question about the same image
+IMAGE_SIZE = 48  # pixels; a multiple of 2 x the patch size (see above)
 PUNCTUATION = ".,!?;:。，！？；：、 \t\n"
 
 
@@ -154,7 +158,7 @@ def sft_row(rng: random.Random, scene: Scene, image: str, kind: str, lang: str, 
 
 
 def make_shapes_dataset(
-    out_dir: str | Path, *, n_pretrain: int, n_sft: int, n_test: int, image_size: int = 32, seed: int = 0
+    out_dir: str | Path, *, n_pretrain: int, n_sft: int, n_test: int, image_size: int = IMAGE_SIZE, seed: int = 0
 ) -> dict[str, Path]:
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -228,7 +232,7 @@ if __name__ == "__main__":
     parser.add_argument("--n-pretrain", type=int, default=2000)
     parser.add_argument("--n-sft", type=int, default=2000)
     parser.add_argument("--n-test", type=int, default=400)
-    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     start = time.perf_counter()

@@ -1,0 +1,449 @@
+"""data.py: every supported format becomes TRL conversational examples; bad records are skipped and counted.
+
+Every image and data file is built here, in tmp_path; the Hub path is exercised through a monkeypatched
+`datasets.load_dataset`.
+"""
+
+import io
+import json
+import logging
+import os
+import pickle
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+import data
+from data import drop_failed, load_vlm_dataset, split_placeholders
+
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+
+
+def make_image(path: Path, color=RED, size=(8, 6), mode="RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path)
+    return path
+
+
+def png_bytes(color=RED, size=(8, 6)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_json(path: Path, records) -> Path:
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    lines = [r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in records]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def llava(image="img/a.png", human="<image>\nWhat is this?", gpt="A red square.") -> dict:
+    rec = {"id": "0", "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]}
+    if image is not None:
+        rec["image"] = image
+    return rec
+
+
+def user(*content) -> dict:
+    return {"role": "user", "content": list(content)}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def assistant_str(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+IMG, TXT = {"type": "image"}, lambda text: {"type": "text", "text": text}  # noqa: E731
+
+
+def colors(example: dict) -> list[tuple]:
+    """The top-left pixel of each image: identifies which file became which image."""
+    return [im.getpixel((0, 0)) for im in example["images"]]
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def test_placeholders_split_into_typed_content_keeping_other_text_exactly():
+    assert split_placeholders("<image>\nWhat is this?") == [IMG, TXT("What is this?")]
+    assert split_placeholders("Compare <image> and <image>.") == [TXT("Compare "), IMG, TXT(" and "), IMG, TXT(".")]
+    assert split_placeholders("Look:\n<image>\n\n  Why?") == [TXT("Look:"), IMG, TXT("\n  Why?")]
+    assert split_placeholders("no image here\n") == [TXT("no image here\n")]
+
+
+def test_llava_record_becomes_trl_messages(tmp_path):
+    make_image(tmp_path / "img/a.png", RED, size=(10, 7))
+    rec = llava(human="<image>\nWhat is this?", gpt="A red square.")
+    rec["conversations"].insert(0, {"from": "system", "value": "You are helpful."})
+    rec["conversations"] += [{"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]
+    ds = load_vlm_dataset(str(write_json(tmp_path / "pretrain.json", [rec])))
+    assert isinstance(ds, torch.utils.data.Dataset) and len(ds) == 1
+    ex = ds[0]
+    assert ex["messages"] == [
+        {"role": "system", "content": [TXT("You are helpful.")]},
+        user(IMG, TXT("What is this?")),
+        assistant("A red square."),
+        user(TXT("Sure?")),
+        assistant("Yes."),
+    ]
+    assert [(im.mode, im.size) for im in ex["images"]] == [("RGB", (10, 7))]
+    assert colors(ex) == [RED]
+
+
+def test_llava_image_without_placeholder_is_prepended_to_first_user_turn(tmp_path):
+    make_image(tmp_path / "img/a.png")
+    ds = load_vlm_dataset(str(write_json(tmp_path / "d.json", [llava(human="Describe the picture.")])))
+    assert ds[0]["messages"][0] == user(IMG, TXT("Describe the picture."))
+    assert len(ds[0]["images"]) == 1
+
+
+def test_llava_text_only_record_has_no_images_and_chinese_text_is_kept(tmp_path):
+    rec = llava(image=None, human="你好，介绍一下你自己。", gpt="我是一个视觉语言模型。")
+    ds = load_vlm_dataset(str(write_json(tmp_path / "linksoul.json", [rec])))
+    assert ds[0] == {
+        "messages": [user(TXT("你好，介绍一下你自己。")), assistant("我是一个视觉语言模型。")],
+        "images": [],
+    }
+
+
+def test_minimind_multi_image_comma_string(tmp_path):
+    make_image(tmp_path / "a.png", RED)
+    make_image(tmp_path / "b.png", BLUE)
+    turns = [{"role": "user", "content": "Left <image>, right <image>: which is red?"}, assistant_str("The left.")]
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": turns, "image": "a.png, b.png"}])
+    ex = load_vlm_dataset(str(path))[0]
+    assert ex["messages"][0] == user(TXT("Left "), IMG, TXT(", right "), IMG, TXT(": which is red?"))
+    assert colors(ex) == [RED, BLUE]  # order of the string, matched to placeholders in order
+
+
+def test_minimind_image_list_in_the_middle_of_a_turn(tmp_path):
+    make_image(tmp_path / "a.png", GREEN)
+    make_image(tmp_path / "b.png", RED)
+    turns = [{"role": "user", "content": "描述<image>和<image>"}, assistant_str("绿色和红色。")]
+    ex = load_vlm_dataset(
+        str(write_jsonl(tmp_path / "m.jsonl", [{"conversations": turns, "image": ["a.png", "b.png"]}]))
+    )[0]
+    assert ex["messages"][0] == user(TXT("描述"), IMG, TXT("和"), IMG)
+    assert colors(ex) == [GREEN, RED]
+
+
+def test_trl_messages_with_typed_or_string_content(tmp_path):
+    make_image(tmp_path / "a.png", RED)
+    typed = {"messages": [user(IMG, TXT("Colour?")), assistant("Red.")], "images": ["a.png"]}
+    string = {"messages": [{"role": "user", "content": "<image>Colour?"}, assistant_str("Red.")], "images": ["a.png"]}
+    ds = load_vlm_dataset(str(write_jsonl(tmp_path / "trl.jsonl", [typed, string])))
+    assert ds[0]["messages"] == ds[1]["messages"] == [user(IMG, TXT("Colour?")), assistant("Red.")]
+    assert colors(ds[1]) == [RED]
+
+
+def test_parquet_inline_bytes(tmp_path):
+    """HF's Image feature stores {"bytes", "path"}; the images are never decoded by datasets itself."""
+    rows = {
+        "messages": [[user(IMG, TXT("Which colour?")), assistant("Green.")]] * 2,
+        "images": [[{"bytes": png_bytes(GREEN), "path": None}], [{"bytes": png_bytes(BLUE), "path": "x.png"}]],
+    }
+    features = datasets.Features(
+        {
+            "messages": [
+                {
+                    "role": datasets.Value("string"),
+                    "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}],
+                }
+            ],
+            "images": datasets.List(datasets.Image()),
+        }
+    )
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "train.parquet"))
+    llava_rows = {"conversations": [llava()["conversations"]], "image": [png_bytes(RED)]}  # a plain bytes column
+    datasets.Dataset.from_dict(llava_rows).to_parquet(str(tmp_path / "llava.parquet"))
+
+    ds = load_vlm_dataset(str(tmp_path))  # a folder: both files, in name order
+    assert len(ds) == 3 and not ds.skipped
+    assert [colors(ds[i]) for i in range(3)] == [[RED], [GREEN], [BLUE]]
+    assert ds[1]["messages"] == [user(IMG, TXT("Which colour?")), assistant("Green.")]  # arrow's "text": None dropped
+
+
+def test_caption_list_becomes_qa(tmp_path):
+    """One example per record (not per caption); prompt and caption picked from the record index."""
+    make_image(tmp_path / "x.png", RED)
+    make_image(tmp_path / "y.png", BLUE)
+    records = [
+        {"image_id": "x.png", "caption": ["一只红色的方块。", "红色的图片。"]},
+        {"image_id": "y.png", "caption": ["A blue picture.", "Something blue."]},
+    ]
+    path = str(write_json(tmp_path / "caption_train_annotations.json", records))
+    ds = load_vlm_dataset(path)
+    assert len(ds) == 2
+    zh, en = ds[0]["messages"], ds[1]["messages"]
+    assert zh[0]["content"][0] == IMG and zh[0]["content"][1]["text"] in data.CAPTION_PROMPTS["zh"]
+    assert zh[1] == assistant("一只红色的方块。")
+    assert en[0]["content"][1]["text"] in data.CAPTION_PROMPTS["en"] and en[1] == assistant("Something blue.")
+    assert colors(ds[1]) == [BLUE]
+    assert load_vlm_dataset(path)[1]["messages"] == en  # reproducible across loads
+
+
+def test_hub_dataset_id_goes_through_load_dataset(tmp_path, monkeypatch):
+    rows = [{"messages": [user(IMG, TXT("Colour?")), assistant("Blue.")], "images": [Image.new("RGB", (5, 5), BLUE)]}]
+    hub = datasets.Dataset.from_list(rows)
+    calls = []
+
+    def fake_load_dataset(name, split, streaming):
+        calls.append((name, split, streaming))
+        return hub.to_iterable_dataset() if streaming else hub
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    ds = load_vlm_dataset("someone/vlm-set", split="validation")
+    streamed = list(load_vlm_dataset("someone/vlm-set", streaming=True))
+    assert calls == [("someone/vlm-set", "validation", False), ("someone/vlm-set", "train", True)]
+    for ex in (ds[0], streamed[0]):
+        assert ex["messages"][1] == assistant("Blue.") and colors(ex) == [BLUE]
+
+
+def test_save_to_disk_folder(tmp_path):
+    rows = {"messages": [[user(IMG, TXT("Colour?")), assistant("Red.")]], "images": [[png_bytes(RED)]]}
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "saved"))
+    ds = load_vlm_dataset(str(tmp_path / "saved"), split="test")
+    assert len(ds) == 1 and colors(ds[0]) == [RED]
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def test_palette_rgba_16bit_cmyk_images_become_rgb(tmp_path):
+    pal = Image.new("P", (4, 4), 0)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)  # index 0 is black, and transparent
+    pal.putpixel((1, 1), 1)
+    pal.save(tmp_path / "p.png", transparency=0)
+    make_image(tmp_path / "rgba.png", (0, 0, 0, 0), mode="RGBA")  # fully transparent black
+    make_image(tmp_path / "la.png", (0, 0), mode="LA")
+    Image.new("I;16", (4, 4), 40000).save(tmp_path / "i16.png")  # convert("L") would clip this to 255
+    make_image(tmp_path / "cmyk.jpg", (0, 255, 255, 0), mode="CMYK")  # red in CMYK
+    make_image(tmp_path / "l.png", 77, mode="L")
+    make_image(tmp_path / "one.png", 1, mode="1")
+    names = ["p.png", "rgba.png", "la.png", "i16.png", "cmyk.jpg", "l.png", "one.png"]
+    turns = [{"from": "human", "value": "<image>" * len(names)}, {"from": "gpt", "value": "Seven images."}]
+    ex = load_vlm_dataset(str(write_json(tmp_path / "modes.json", [{"conversations": turns, "image": names}])))[0]
+    assert all(im.mode == "RGB" for im in ex["images"])
+    pixels = colors(ex)
+    assert pixels[0] == pixels[1] == pixels[2] == (255, 255, 255)  # transparency composited on white
+    assert ex["images"][0].getpixel((1, 1)) == RED  # the opaque palette entry survives
+    assert pixels[3] == (155, 155, 155)  # 40000 / 65535 * 255, not clipped to white
+    assert pixels[4][0] > 200 and max(pixels[4][1:]) < 60
+    assert pixels[5] == (77, 77, 77) and pixels[6] == (255, 255, 255)
+
+
+def test_image_outside_root_is_rejected(tmp_path):
+    root = tmp_path / "root"
+    make_image(root / "ok.png")
+    secret = make_image(tmp_path / "secret.png")
+    (root / "link.png").symlink_to(secret)
+    records = [llava(image=p) for p in ["ok.png", "../secret.png", str(secret), "link.png"]]
+    ds = load_vlm_dataset(str(write_json(root / "d.json", records)))
+    assert len(ds) == 1 and ds.skipped == Counter(image_outside_root=3)
+    # an explicit image_root is the boundary, even for a data file that lives elsewhere
+    ds = load_vlm_dataset(str(write_json(tmp_path / "d.json", [llava(image="secret.png")])), image_root=str(root))
+    assert len(ds) == 0 and ds.skipped == Counter(missing_image=1)
+
+
+def test_decompression_bomb_is_skipped(tmp_path, monkeypatch):
+    make_image(tmp_path / "big.png", size=(20, 20))
+    path = str(write_json(tmp_path / "d.json", [llava(image="big.png")]))
+    assert load_vlm_dataset(path, max_pixels=399).skipped == Counter(decompression_bomb=1)
+    assert len(load_vlm_dataset(path, max_pixels=400)) == 1
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # PIL's own check warns (and errors above 2x): both count
+    assert load_vlm_dataset(path).skipped == Counter(decompression_bomb=1)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 150)
+    assert load_vlm_dataset(path).skipped == Counter(decompression_bomb=1)
+
+
+def test_images_are_decoded_lazily(tmp_path, monkeypatch):
+    for i in range(3):
+        make_image(tmp_path / f"{i}.png", (i, 0, 0))
+    path = write_json(tmp_path / "d.json", [llava(image=f"{i}.png") for i in range(3)])
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    spy = lambda im: decoded.append(Path(im.filename).name) or real_load(im)  # noqa: E731
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    ds = load_vlm_dataset(str(path))
+    assert len(ds) == 3 and decoded == []  # loading read headers only
+    assert colors(ds[2]) == [(2, 0, 0)] and set(decoded) == {"2.png"}  # only the one asked for
+    assert ds[0]["images"][0] is not ds[0]["images"][0]  # nothing decoded is kept
+
+
+# ----------------------------------------------------------------------------- bad records
+
+
+def bad_records(tmp_path: Path) -> Path:
+    make_image(tmp_path / "img/a.png")
+    (tmp_path / "img/garbage.png").write_bytes(b"not an image at all")
+    records = [
+        llava(),  # 0 good
+        llava(image="img/nope.png"),  # 1 missing_image
+        llava(image="img/garbage.png"),  # 2 undecodable_image
+        llava(human="<image><image> Compare."),  # 3 placeholder_image_mismatch: 2 placeholders, 1 image
+        llava(image=None, human="<image> What?"),  # 4 placeholder_image_mismatch: no image at all
+        llava(gpt="   "),  # 5 empty_turn
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Hi"}]},  # 6 unknown_role
+        {"conversations": [{"from": "human", "value": "<image>Hi"}], "image": "img/a.png"},  # 7 no_assistant_turn
+        "{this is not json",  # 8 malformed_record
+        {"url": "http://x"},  # 9 malformed_record
+        llava(gpt="Also good."),  # 10 good
+    ]
+    return write_jsonl(tmp_path / "mixed.jsonl", records)
+
+
+def test_bad_records_are_skipped_and_counted_by_reason(tmp_path, caplog):
+    path = bad_records(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        ds = load_vlm_dataset(str(path))
+    assert [ds[i]["messages"][1] for i in range(len(ds))] == [assistant("A red square."), assistant("Also good.")]
+    assert ds.skipped == Counter(
+        missing_image=1,
+        undecodable_image=1,
+        placeholder_image_mismatch=2,
+        empty_turn=1,
+        unknown_role=1,
+        no_assistant_turn=1,
+        malformed_record=2,
+    )
+    assert len(caplog.records) == 1  # ONE warning for the whole load
+    warning = caplog.records[0].getMessage()
+    assert "skipped 9" in warning and "placeholder_image_mismatch=2" in warning
+    assert "mixed.jsonl record 1: field 'image': file 'img/nope.png' not found" in warning
+    assert ds.summary() == "kept 2, skipped 9 (" + warning.split("skipped 9 (")[1].split(")")[0] + ")"
+
+
+def test_strict_names_record_and_reason(tmp_path):
+    make_image(tmp_path / "img/a.png")
+    path = write_json(tmp_path / "pretrain.json", [llava()] * 17 + [llava(image="img/x.jpg")])
+    msg = r"pretrain\.json record 17: field 'image': file 'img/x\.jpg' not found under image root \[missing_image\]"
+    with pytest.raises(ValueError, match=msg):
+        load_vlm_dataset(str(path), strict=True)
+    with pytest.raises(ValueError, match=r"mixed\.jsonl record 1: .*\[missing_image\]"):
+        load_vlm_dataset(str(bad_records(tmp_path)), strict=True)
+
+
+def test_truncated_image_returns_none_counted_or_raises_in_strict(tmp_path):
+    make_image(tmp_path / "good.png", RED)
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (64, 64), os.urandom(64 * 64 * 3)).save(buf, "PNG")  # noise: does not compress
+    (tmp_path / "trunc.png").write_bytes(buf.getvalue()[:4000])  # header intact, pixels cut
+    path = str(write_json(tmp_path / "d.json", [llava(image="good.png"), llava(image="trunc.png")]))
+    ds = load_vlm_dataset(path)
+    assert len(ds) == 2 and ds.skipped == Counter()  # the header was fine at load time
+    assert ds[1] is None and ds.skipped == Counter(undecodable_image=1)
+    kept = drop_failed([ds[0], None, {"messages": None, "images": None}])  # the last one is how to_hf() says it
+    assert len(kept) == 1 and colors(kept[0]) == [RED]
+    with pytest.raises(ValueError, match=r"d\.json record 1: field 'image': cannot decode"):
+        load_vlm_dataset(path, strict=True)[1]
+
+
+# ----------------------------------------------------------------------------- streaming, limit, trainer
+
+
+def test_streaming_yields_same_examples(tmp_path):
+    path = str(bad_records(tmp_path))
+    mapped = load_vlm_dataset(path)
+    streamed = load_vlm_dataset(path, streaming=True)
+    assert isinstance(streamed, torch.utils.data.IterableDataset)
+    examples = list(streamed)
+    assert [ex["messages"] for ex in examples] == [mapped[i]["messages"] for i in range(len(mapped))]
+    assert [colors(ex) for ex in examples] == [colors(mapped[i]) for i in range(len(mapped))]
+    assert streamed.skipped == mapped.skipped and sum(streamed.skipped.values()) == 9
+    assert len(list(streamed)) == 2 and sum(streamed.skipped.values()) == 9  # a second pass counts afresh
+
+
+def test_streaming_dataloader_workers_split_the_records(tmp_path):
+    make_image(tmp_path / "img/a.png")
+    path = write_jsonl(tmp_path / "d.jsonl", [llava(gpt=f"answer {i}") for i in range(6)])
+    loader = torch.utils.data.DataLoader(load_vlm_dataset(str(path), streaming=True), num_workers=2, collate_fn=list)
+    answers = sorted(batch[0]["messages"][1]["content"][0]["text"] for batch in loader)
+    assert answers == [f"answer {i}" for i in range(6)]  # each record once, not once per worker
+
+
+def test_pickles_as_a_recipe_not_the_records(tmp_path):
+    """Spawned DataLoader workers and `datasets` hashing (to_hf) pickle the dataset: keep that small."""
+    make_image(tmp_path / "img/a.png")
+    path = write_jsonl(tmp_path / "long.jsonl", [llava(gpt=f"{i} " + "long answer " * 100) for i in range(500)])
+    ds = load_vlm_dataset(str(path))
+    blob = pickle.dumps(ds)
+    assert len(blob) < path.stat().st_size / 10  # the indices of the kept records, not their text
+    copy = pickle.loads(blob)  # reads the file again
+    assert len(copy) == 500 and copy[7]["messages"] == ds[7]["messages"] and colors(copy[7]) == colors(ds[7])
+
+
+def test_missing_local_file_is_reported_plainly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_vlm_dataset(str(tmp_path / "nope.jsonl"))
+
+
+def test_limit_keeps_the_first_good_examples(tmp_path):
+    path = str(bad_records(tmp_path))
+    assert len(load_vlm_dataset(path, limit=1)) == 1
+    assert [ex["messages"][1] for ex in load_vlm_dataset(path, limit=2, streaming=True)][-1] == assistant("Also good.")
+
+
+def test_works_as_sft_trainer_train_dataset(tmp_path):
+    """TRL's SFTTrainer only takes `datasets` objects: to_hf() hands it the same examples, decoded per item."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast, ProcessorMixin, Qwen2Config, Qwen2ForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    class TinyProcessor(ProcessorMixin):
+        def __init__(self, tokenizer):
+            super().__init__(tokenizer)
+
+    vocab = Tokenizer(models.WordLevel({"[UNK]": 0, "[PAD]": 1}, unk_token="[UNK]"))
+    processor = TinyProcessor(PreTrainedTokenizerFast(tokenizer_object=vocab, pad_token="[PAD]", unk_token="[UNK]"))
+    config = Qwen2Config(
+        vocab_size=8,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    seen = []
+
+    def collate(examples):
+        seen.extend(examples)
+        examples = drop_failed(examples)
+        ids = torch.tensor([[2 + len(ex["images"])] * 4 for ex in examples])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    make_image(tmp_path / "img/a.png")
+    ds = load_vlm_dataset(str(write_jsonl(tmp_path / "d.jsonl", [llava(gpt=f"answer {i}") for i in range(4)])))
+    streamed = load_vlm_dataset(str(tmp_path / "d.jsonl"), streaming=True)
+    for train_dataset in (ds.to_hf(), streamed.to_hf()):
+        args = SFTConfig(
+            output_dir=str(tmp_path / "out"),
+            max_steps=2,
+            per_device_train_batch_size=2,
+            dataset_kwargs={"skip_prepare_dataset": True},
+            remove_unused_columns=False,
+            use_cpu=True,
+            bf16=False,
+            gradient_checkpointing=False,
+            report_to="none",
+            save_strategy="no",
+        )
+        model = Qwen2ForCausalLM(config)
+        trainer = SFTTrainer(
+            model, args, data_collator=collate, train_dataset=train_dataset, processing_class=processor
+        )
+        trainer.train()
+    assert len(seen) == 8
+    assert all(ex["images"][0].mode == "RGB" and ex["messages"][0]["content"][0] == IMG for ex in seen)
+    assert sorted({ex["messages"][1]["content"][0]["text"] for ex in seen}) == [f"answer {i}" for i in range(4)]

@@ -9,6 +9,7 @@ Formats, recognised per record from its keys:
     role/text {"image": "a.jpg, b.jpg", "conversations": [{"role": "user", "content": "..<image>..<image>"}, ...]}
     captions  {"image_id": "x.jpg", "caption": ["cap 1", "cap 2"]}  (AI Challenger) -> ONE Q&A per record
     trl       {"messages": [...], "images": [...]}, content typed or a string with <image>
+    vqa       {"image": ..., "question": "...", "answer": "..." | "answers": [...]}  (benchmarks: POPE, MME, TextVQA)
 Sources: a .json/.jsonl/.parquet file, a folder of them (not recursive), a `save_to_disk` folder, or a Hub id.
 An image is a path (relative to image_root, default the data file's folder), HF's {"bytes", "path"} or raw bytes.
 
@@ -126,6 +127,21 @@ def _caption_turns(rec: dict, index: int) -> list[dict]:
     ]
 
 
+def _vqa_turns(rec: dict) -> list[dict]:
+    """Benchmark-style question/answer -> one user/assistant pair (several answers: the most common, as VQA scores)."""
+    answers = rec.get("answers") if rec.get("answer") is None else [rec["answer"]]
+    if isinstance(answers, dict):  # a Hub list of structs arrives as a struct of lists: {"answer": [...]}
+        answers = answers.get("answer")
+    answers = [a["answer"] if isinstance(a, dict) else a for a in answers or []]  # VQAv2: [{"answer": ...}]
+    answers = [str(a).strip() for a in answers if str(a).strip()]
+    question = rec["question"] if isinstance(rec["question"], str) else ""
+    if not answers or not question.strip():
+        raise BadRecord("empty_turn", "question" if answers else "answer", "empty question or answer")
+    answer = Counter(answers).most_common(1)[0][0]
+    user = split_placeholders(question)
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+
+
 def normalize(rec: Any, index: int) -> tuple[list[dict], list, str]:
     """One raw record -> (messages, image references, name of the image field). Raises BadRecord."""
     if not isinstance(rec, dict):
@@ -139,8 +155,11 @@ def normalize(rec: Any, index: int) -> tuple[list[dict], list, str]:
         messages = [_turn(turn, f"{key}[{j}]") for j, turn in enumerate(rec[key])]
     elif "caption" in rec:
         key, messages = "caption", _caption_turns(rec, index)
+    elif "question" in rec:
+        key, messages = "question", _vqa_turns(rec)
     else:
-        raise BadRecord("malformed_record", "record", f"no conversations/messages/caption in keys {sorted(rec)}")
+        detail = f"no conversations/messages/caption/question in keys {sorted(rec)}"
+        raise BadRecord("malformed_record", "record", detail)
     _check_turns(messages, refs, key, field)
     return messages, refs, field
 

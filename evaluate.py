@@ -5,7 +5,8 @@
 Notable:
 - Any format the data module reads works. Each example's last assistant turn is the reference; everything before it
   (earlier turns included) is the prompt.
-- VQA-style normalised exact match, and BLEU-4 for caption-like references.
+- VQA-style normalised exact match, and for caption-like references BLEU-4 (per sentence) and CIDEr-D (over the set:
+  n-grams weighted by how rare they are among the references, so "a photo of" earns little).
 - The blind baseline answers the same prompts with blank (grey) images: what the LM guesses from the question alone.
   A model that looks at images must beat it by a wide margin.
 - Writes `predictions.jsonl` and `summary.json` to `--output_dir`.
@@ -32,24 +33,49 @@ def normalize_answer(text: str) -> str:
     return " ".join(words)
 
 
+def tokens(text: str) -> list[str]:
+    """Words of the normalised text; characters for CJK text, which has no spaces."""
+    text = normalize_answer(text)
+    return list(text.replace(" ", "")) if re.search(r"[\u4e00-\u9fff]", text) else text.split()
+
+
+def ngrams(words: list[str], n: int) -> Counter:
+    return Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+
+
 def bleu4(candidate: str, reference: str) -> float:
-    """Sentence BLEU-4 with add-one smoothing on whitespace tokens (characters for CJK text)."""
-
-    def tokens(s: str) -> list[str]:
-        s = normalize_answer(s)
-        return list(s.replace(" ", "")) if re.search(r"[\u4e00-\u9fff]", s) else s.split()
-
+    """Sentence BLEU-4 (BLEU+1: add-one smoothing for n > 1 only) on words, or characters for CJK text."""
     cand, ref = tokens(candidate), tokens(reference)
-    if not cand:
-        return 0.0
     log_precision = 0.0
     for n in range(1, 5):
-        c = Counter(tuple(cand[i : i + n]) for i in range(len(cand) - n + 1))
-        r = Counter(tuple(ref[i : i + n]) for i in range(len(ref) - n + 1))
+        c, r = ngrams(cand, n), ngrams(ref, n)
         overlap = sum(min(k, r[g]) for g, k in c.items())
-        log_precision += math.log((overlap + 1) / (max(sum(c.values()), 0) + 1)) / 4
+        if n == 1 and overlap == 0:
+            return 0.0  # not one word in common: smoothing must not invent a score
+        smooth = int(n > 1)
+        log_precision += math.log((overlap + smooth) / (sum(c.values()) + smooth)) / 4
     brevity = min(1.0, math.exp(1 - len(ref) / len(cand)))
     return brevity * math.exp(log_precision)
+
+
+def cider_d(candidates: list[str], references: list[str], sigma: float = 6.0) -> list[float]:
+    """CIDEr-D per example (one reference each): TF-IDF n-gram cosine, n = 1..4, clipped, length-penalised, x10."""
+    cands, refs = [tokens(c) for c in candidates], [tokens(r) for r in references]
+    scores = [0.0] * len(cands)
+    for n in range(1, 5):
+        ref_grams = [ngrams(r, n) for r in refs]
+        df = Counter(g for grams in ref_grams for g in grams)  # in how many references each n-gram occurs
+        idf = {g: math.log(len(refs) / k) for g, k in df.items()}
+        for i, (cand, ref, r) in enumerate(zip(cands, refs, ref_grams)):
+            c = ngrams(cand, n)
+            # n-grams no reference holds get the largest idf (df of 1): rare, but never rewarded below
+            vc = {g: k * idf.get(g, math.log(len(refs))) for g, k in c.items()}
+            vr = {g: k * idf[g] for g, k in r.items()}
+            dot = sum(min(vc[g], vr[g]) * vr[g] for g in vc.keys() & vr.keys())  # min(): the "-D" clipping
+            norm = math.sqrt(sum(v * v for v in vc.values())) * math.sqrt(sum(v * v for v in vr.values()))
+            penalty = math.exp(-((len(cand) - len(ref)) ** 2) / (2 * sigma**2))
+            scores[i] += 10 * penalty * dot / norm / 4 if norm else 0.0
+    return scores
 
 
 def split_example(example: dict) -> tuple[list[dict], str]:
@@ -96,8 +122,10 @@ def evaluate(model, processor, examples: list[dict], batch_size: int = 16, max_n
     blind = [(messages, [blank_like(i) for i in images]) for messages, images in prompts]
     answers = generate_answers(model, processor, prompts, batch_size, max_new_tokens)
     blind_answers = generate_answers(model, processor, blind, batch_size, max_new_tokens)
+    references = [reference for _, reference in split]
+    cider, blind_cider = cider_d(answers, references), cider_d(blind_answers, references)
     predictions = []
-    for (_, reference), answer, guess in zip(split, answers, blind_answers):
+    for (_, reference), answer, guess, score, blind_score in zip(split, answers, blind_answers, cider, blind_cider):
         predictions.append(
             {
                 "reference": reference,
@@ -106,6 +134,8 @@ def evaluate(model, processor, examples: list[dict], batch_size: int = 16, max_n
                 "exact_match": normalize_answer(answer) == normalize_answer(reference),
                 "blind_exact_match": normalize_answer(guess) == normalize_answer(reference),
                 "bleu4": bleu4(answer, reference),
+                "cider": score,
+                "blind_cider": blind_score,
             }
         )
     n = max(1, len(predictions))
@@ -114,6 +144,8 @@ def evaluate(model, processor, examples: list[dict], batch_size: int = 16, max_n
         "exact_match": sum(p["exact_match"] for p in predictions) / n,
         "blind_exact_match": sum(p["blind_exact_match"] for p in predictions) / n,
         "bleu4": sum(p["bleu4"] for p in predictions) / n,
+        "cider": sum(cider) / n,
+        "blind_cider": sum(blind_cider) / n,
     }
     return {"summary": summary, "predictions": predictions}
 
@@ -137,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     dataset = load_vlm_dataset(args.dataset, args.image_root, split=args.split, limit=args.limit)
-    result = evaluate(model, processor, [dataset[i] for i in range(len(dataset))], args.batch_size, args.max_new_tokens)
+    examples = [dataset[i] for i in range(len(dataset))]
+    result = evaluate(model, processor, examples, args.batch_size, args.max_new_tokens)
     out = Path(args.output_dir or Path(args.model) / "eval")
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "predictions.jsonl", "w") as f:
@@ -145,7 +178,10 @@ def main(argv: list[str] | None = None) -> dict:
             f.write(json.dumps(p, ensure_ascii=False) + "\n")
     (out / "summary.json").write_text(json.dumps(result["summary"], indent=2))
     s = result["summary"]
-    print(f"exact match {s['exact_match']:.1%}  blind baseline {s['blind_exact_match']:.1%}  BLEU-4 {s['bleu4']:.3f}")
+    print(
+        f"exact match {s['exact_match']:.1%} (blind {s['blind_exact_match']:.1%})  BLEU-4 {s['bleu4']:.3f}  "
+        f"CIDEr {s['cider']:.3f} (blind {s['blind_cider']:.3f})"
+    )
     return result
 
 

@@ -53,7 +53,8 @@ def write_model_card(output_dir: str, state, args, script_args, model_args, mode
     losses = [h["loss"] for h in state.log_history if "loss" in h]
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     name = args.hub_model_id or Path(output_dir).name
-    header = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", f"license: {script_args.license}"]
+    header = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text"]
+    header.append(f"license: {script_args.license}")
     for key, values in (("base_model", hub_ids(*bases)), ("datasets", hub_ids(script_args.dataset_name))):
         if values:
             header += [f"{key}:"] + [f"- {v}" for v in values]
@@ -65,7 +66,8 @@ def write_model_card(output_dir: str, state, args, script_args, model_args, mode
         "modules trained": ", ".join(script_args.train_modules) + (" (LoRA on the LM)" if model_args.use_peft else ""),
         "learning rate": f"{args.learning_rate:g}"
         + (f" (projector {script_args.projector_lr:g})" if script_args.projector_lr else ""),
-        "schedule": f"{getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}, warm-up {args.warmup_steps:g}",
+        "schedule": f"{getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}, warm-up "
+        f"{args.warmup_steps:g}",
         "global batch": global_batch,
         "epochs / steps": f"{args.num_train_epochs:g} / {state.global_step}",
         "max length": args.max_length,

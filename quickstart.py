@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="outputs/quickstart")
     parser.add_argument("--n-pretrain", type=int, default=3000)
-    parser.add_argument("--n-sft", type=int, default=10000)
+    parser.add_argument("--n-sft", type=int, default=12000)
     parser.add_argument("--n-test", type=int, default=400)
     parser.add_argument("--sft-epochs", type=float, default=None, help="override the recipe's epochs")
     parser.add_argument("--seed", type=int, default=0)

@@ -3,7 +3,7 @@
 Composes a fresh model from two base checkpoints (Hub ids or local folders) and trains its projector with
 LLaVA-1.5's stage-1 defaults: lr 1e-3, cosine, 3% warm-up, 1 epoch, global batch 256.
 
-    accelerate launch train_pretrain.py --config recipes/pretrain_cc3m.yaml
+    accelerate launch train_pretrain.py --config recipes/cc3m_pretrain.yaml
 
 or, spelled out:
 

@@ -4,7 +4,7 @@ Starts from the stage-1 output with LLaVA-1.5's stage-2 defaults: lr 2e-5, cosin
 batch 128. `--use_peft` puts LoRA on the LM's linear layers and trains the projector in full; `--merge_adapter`
 saves a plain merged checkpoint at the end. `--projector_lr` gives the projector its own learning rate.
 
-    accelerate launch train_sft.py --config recipes/sft_chinese.yaml
+    accelerate launch train_sft.py --config recipes/chinese_sft.yaml
 
 or, spelled out:
 

@@ -110,7 +110,9 @@ def build_model(script_args: ScriptArguments, model_args: ModelConfig):
     if model_args.model_name_or_path:
         path = model_args.model_name_or_path
         model = QwenSiglipForConditionalGeneration.from_pretrained(path, **kwargs)
-        processor = QwenSiglipProcessor.from_pretrained(path)
+        # Pitfall: the tokenizer loader reads config.json, sees its auto_map and would stop to ask, on a terminal,
+        # whether to run the folder's code. It runs none here (Qwen2's tokenizer is built in): say so up front.
+        processor = QwenSiglipProcessor.from_pretrained(path, trust_remote_code=True)
     else:
         vision, text = script_args.vision_model, script_args.text_model
         model = QwenSiglipForConditionalGeneration.from_pretrained_parts(

@@ -71,3 +71,38 @@ def user_turn(text: str, n_images: int = 1) -> list[dict]:
     """A one-turn chat: `n_images` image items then the question."""
     content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
     return [{"role": "user", "content": content}]
+
+
+# ----------------------------------------------------------------------------- training
+
+# Settings every tiny training run in the tests shares: CPU, fp32, no checkpoints unless a test asks, few steps.
+CPU_RUN = [
+    "--use_cpu", "true", "--bf16", "false", "--report_to", "none", "--gradient_checkpointing", "false",
+    "--per_device_train_batch_size", "4", "--global_batch_size", "4", "--max_length", "256",
+    "--logging_steps", "1", "--save_strategy", "no", "--dataloader_num_workers", "0", "--seed", "0",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory) -> dict[str, Path]:
+    """A small synthetic shapes set at the tiny tower's 32 px: captions (LLaVA json) and Q&A (minimind-v jsonl)."""
+    import synthetic
+
+    out = tmp_path_factory.mktemp("shapes")
+    return synthetic.make_shapes_dataset(out, n_pretrain=32, n_sft=32, n_test=8, image_size=32)
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory) -> dict:
+    """The embedded default, smaller: both stages through the real scripts, then held-out evaluation.
+
+    Returns quickstart's summary plus `checkpoint`, the trained stage-2 folder (tests may read, never modify it).
+    """
+    import quickstart
+
+    out = tmp_path_factory.mktemp("quickstart")
+    summary = quickstart.main(["--out", str(out), *QUICKSTART_SMALL])
+    return {**summary, "checkpoint": out / "sft"}
+
+
+QUICKSTART_SMALL = ["--n-pretrain", "2000", "--n-sft", "8000", "--n-test", "200"]

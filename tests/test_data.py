@@ -194,6 +194,27 @@ def test_caption_list_becomes_qa(tmp_path):
     assert load_vlm_dataset(path)[1]["messages"] == en  # reproducible across loads
 
 
+def test_benchmark_question_answer_records_become_qa(tmp_path):
+    """POPE/MME-style {question, answer} parquet; TextVQA/VQAv2-style {question, answers} (the majority answer)."""
+    pope = [
+        {"question": "Is there a red square in the image?", "answer": "yes", "image": {"bytes": png_bytes(RED)}},
+        {"question": "Is there a dog?", "answer": "", "image": {"bytes": png_bytes(RED)}},
+    ]
+    datasets.Dataset.from_list(pope).to_parquet(tmp_path / "pope.parquet")
+    ds = load_vlm_dataset(str(tmp_path / "pope.parquet"))
+    assert len(ds) == 1 and ds.skipped["empty_turn"] == 1
+    assert ds[0]["messages"] == [user(IMG, TXT("Is there a red square in the image?")), assistant("yes")]
+    make_image(tmp_path / "b.png", BLUE)
+    vqa = [
+        {"question": "<image>\nWhat colour?", "answers": ["blue", "navy", "blue"], "image": "b.png"},
+        {"question": "Colour?", "answers": [{"answer": a} for a in ("navy", "blue", "navy")], "image": "b.png"},
+        {"question": "Colour?", "answers": {"answer": ["teal"]}, "image": "b.png"},  # HF's list-of-struct layout
+    ]
+    ds = load_vlm_dataset(str(write_jsonl(tmp_path / "vqa.jsonl", vqa)))
+    assert ds[0]["messages"] == [user(IMG, TXT("What colour?")), assistant("blue")] and colors(ds[0]) == [BLUE]
+    assert [ds[i]["messages"][1] for i in (1, 2)] == [assistant("navy"), assistant("teal")]
+
+
 def test_hub_dataset_id_goes_through_load_dataset(tmp_path, monkeypatch):
     rows = [{"messages": [user(IMG, TXT("Colour?")), assistant("Blue.")], "images": [Image.new("RGB", (5, 5), BLUE)]}]
     hub = datasets.Dataset.from_list(rows)

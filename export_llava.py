@@ -1,0 +1,159 @@
+"""Export a QwenSiglip checkpoint to transformers' own LLaVA: a folder that loads with no remote code at all.
+
+    python export_llava.py --model outputs/quickstart/sft --output outputs/quickstart/sft-llava
+
+Notable:
+- The result is a `LlavaForConditionalGeneration` + `LlavaProcessor` folder, laid out like the llava-hf checkpoints
+  (e.g. llava-interleave-qwen-0.5b-hf: SigLIP + Qwen2), so vLLM, SGLang, lmms-eval and anything else that speaks
+  transformers' LLaVA can serve or evaluate it. No `.py` file and no `auto_map` is written.
+- Weights copy unrenamed: our module names mirror LLaVA's. The config is a field-for-field translation (our
+  `vision_feature_layer` already has LLaVA's meaning: an index into hidden_states) plus one setting of LLaVA's own,
+  `vision_feature_select_strategy="full"`: SigLIP has no CLS token, and LLaVA's "default" would drop a real patch.
+- Tensors are saved under the llava-hf names (`language_model.model.*`, `vision_tower.vision_model.*`, ...): the
+  layout every LLaVA loader reads. transformers 5 maps them back on load; vLLM's SigLIP loader needs the
+  `vision_model.` level that transformers 5 would otherwise flatten away.
+- The processor keeps our tokenizer, image processor and chat template. The template writes
+  `<|vision_start|><|image_pad|><|vision_end|>` per image and LlavaProcessor expands the `<|image_pad|>` to
+  (image_size / patch_size)^2 copies, so input_ids are identical to ours. Raw text must use that same triple: the
+  literal `<image>` of LLaVA-1.5 datasets is understood by our processor only.
+- Pixel shuffle cannot be exported: LLaVA's projector consumes one vision token per image token and has no place
+  to fold patches together. Such checkpoints are refused before anything is written.
+- `to_llava(model)` converts in memory, sharing the tensors (no copy, no disk): what a benchmark needs to run the
+  same weights through both code paths.
+"""
+
+import argparse
+import copy
+from pathlib import Path
+
+import torch
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from configuration_qwen_siglip import QwenSiglipConfig
+from modeling_qwen_siglip import QwenSiglipForConditionalGeneration
+from processing_qwen_siglip import IMAGE_TOKEN, QwenSiglipProcessor
+
+
+def llava_config(config: QwenSiglipConfig) -> LlavaConfig:
+    """The LlavaConfig that computes exactly what `config` does; ValueError if LLaVA cannot express it."""
+    if config.pixel_shuffle_factor != 1:
+        raise ValueError(
+            f"This checkpoint uses pixel_shuffle_factor={config.pixel_shuffle_factor}, which LLaVA cannot express: "
+            "LLaVA's projector consumes one vision token per image token and has no pixel-shuffle step, so the "
+            f"{config.grid_size**2} patches per image could not be folded into {config.num_image_tokens} image "
+            "tokens. Only checkpoints trained with pixel_shuffle_factor=1 can be exported to LLaVA."
+        )
+    text_config = config.text_config.to_dict()
+    # vLLM picks the LM implementation from text_config.architectures, which a config built in code may lack.
+    if not text_config.get("architectures"):
+        text_config["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[text_config["model_type"]]]
+    return LlavaConfig(
+        vision_config=config.vision_config.to_dict(),  # SigLIP, pooling head off: LLaVA builds the same tower
+        text_config=text_config,
+        image_token_index=config.image_token_id,
+        image_seq_length=config.num_image_tokens,
+        vision_feature_layer=config.vision_feature_layer,  # same meaning: an index into hidden_states
+        vision_feature_select_strategy="full",  # SigLIP has no CLS token: "default" would drop a real patch
+        projector_hidden_act=config.projector_hidden_act,
+        multimodal_projector_bias=config.multimodal_projector_bias,
+        tie_word_embeddings=config.tie_word_embeddings,
+    )
+
+
+def to_llava(model: QwenSiglipForConditionalGeneration) -> LlavaForConditionalGeneration:
+    """The same model as a LlavaForConditionalGeneration, in memory. It shares `model`'s tensors: no copy is made,
+    so changing the weights of one changes the other."""
+    # Built on the meta device: no memory and no random init (20 s for the 0.5B model on 2 CPU cores), since every
+    # tensor is taken from `model` just below.
+    with torch.device("meta"):
+        llava = LlavaForConditionalGeneration(llava_config(model.config))
+    llava.load_state_dict(model.state_dict(), strict=True, assign=True)
+    # Non-persistent buffers (RoPE frequencies, SigLIP position ids) are not in the state dict; the submodules are
+    # the same classes under the same names, so take them from `model` as well.
+    for name, buffer in model.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        setattr(llava.get_submodule(owner), leaf, buffer)
+    llava.tie_weights()  # assign=True loaded lm_head and the embeddings as two Parameters; make them one again
+    leftover = [n for n, t in [*llava.named_parameters(), *llava.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"LLaVA has tensors with no counterpart in the QwenSiglip model: {leftover}")
+    llava.generation_config = copy.deepcopy(model.generation_config)
+    return llava.train(model.training)
+
+
+def llava_processor(processor: QwenSiglipProcessor, config: QwenSiglipConfig) -> LlavaProcessor:
+    """A LlavaProcessor that gives the same input_ids and pixel_values as `processor` for the same chat."""
+    image_processor = copy.deepcopy(processor.image_processor)
+    tokenizer = copy.deepcopy(processor.tokenizer)
+    # Saved QwenSiglip parts point AutoProcessor at our remote code; the export must not.
+    for part in (image_processor, tokenizer.init_kwargs):
+        _drop(part, "auto_map")
+    _drop(tokenizer.init_kwargs, "processor_class")
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        # LlavaProcessor expands each image token to (height / patch_size) * (width / patch_size) copies, plus
+        # num_additional_image_tokens, minus one under the "default" strategy: exactly our grid with both at rest.
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=0,
+        image_token=IMAGE_TOKEN,
+        # Ours wraps each <|image_pad|> in <|vision_start|>/<|vision_end|>, so LLaVA expands the same ids.
+        chat_template=processor.chat_template,
+    )
+
+
+def _drop(obj, key: str) -> None:
+    if isinstance(obj, dict):
+        obj.pop(key, None)
+    elif hasattr(obj, key):
+        delattr(obj, key)
+
+
+def llava_hub_state_dict(llava: LlavaForConditionalGeneration) -> dict[str, torch.Tensor]:
+    """State dict whose saved names follow the llava-hf layout (`vision_tower.vision_model.*`, ...).
+
+    transformers 5 saves LLaVA's top-level names in that layout by itself but writes a flat SigLIP
+    (`vision_tower.embeddings.*`); vLLM's SigLIP loader only knows the `vision_model.` level, and transformers maps
+    it back on load. So add that level here and let `save_pretrained` do the rest.
+    """
+    prefix = "model.vision_tower."
+    return {
+        (prefix + "vision_model." + k[len(prefix) :] if k.startswith(prefix) else k): v
+        for k, v in llava.state_dict().items()
+    }
+
+
+def export(src: str | Path, dst: str | Path) -> Path:
+    """Convert the checkpoint folder `src` to a LLaVA folder `dst` (created; must be empty); returns `dst`."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        # Files left from an earlier export (other shards, remote code) would mix with the new ones.
+        raise FileExistsError(f"{dst} is not empty; export into a new or empty folder")
+    config = QwenSiglipConfig.from_pretrained(src)
+    llava_config(config)  # refuse an inexpressible checkpoint before loading any weight
+    model = QwenSiglipForConditionalGeneration.from_pretrained(src).eval()
+    # Given the config, AutoTokenizer need not read config.json, whose auto_map would ask to trust remote code.
+    processor = QwenSiglipProcessor.from_pretrained(src, config=config)
+    llava = to_llava(model)
+    dst.mkdir(parents=True, exist_ok=True)
+    llava.save_pretrained(dst, state_dict=llava_hub_state_dict(llava))
+    llava_processor(processor, config).save_pretrained(dst)
+    print(
+        f"Exported {src} -> {dst}: LlavaForConditionalGeneration + LlavaProcessor, {config.num_image_tokens} image "
+        "tokens per image, no remote code (for vLLM, SGLang, lmms-eval, transformers' AutoModelForImageTextToText)"
+    )
+    return dst
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="QwenSiglip checkpoint folder (pixel_shuffle_factor=1)")
+    parser.add_argument("--output", required=True, help="new or empty folder for the LLaVA checkpoint")
+    args = parser.parse_args(argv)
+    return export(args.model, args.output)
+
+
+if __name__ == "__main__":
+    main()

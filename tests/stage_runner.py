@@ -1,0 +1,48 @@
+"""Test helper: run a training stage exactly as `train_pretrain.py` / `train_sft.py` do, plus test-only callbacks.
+
+    python tests/stage_runner.py {pretrain,sft} <training arguments...>      (or under torchrun)
+
+Environment switches (test use only):
+- QS_DUMP_WEIGHTS=<dir>: every rank writes its final trainable weights to <dir>/rank<N>.pt.
+- QS_KILL_AT_STEP=<n>: the process SIGKILLs itself right after the checkpoint of step n is written, as a crash would.
+"""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from training import PRETRAIN_DEFAULTS, SFT_DEFAULTS, main  # noqa: E402
+
+
+class DumpWeights(TrainerCallback):
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        rank = int(os.environ.get("RANK", 0))
+        weights = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+        torch.save(weights, self.folder / f"rank{rank}.pt")
+
+
+class KillAfterSave(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no final save: like a preempted node
+
+
+if __name__ == "__main__":
+    stage, argv = sys.argv[1], sys.argv[2:]
+    callbacks = []
+    if os.environ.get("QS_DUMP_WEIGHTS"):
+        callbacks.append(DumpWeights(os.environ["QS_DUMP_WEIGHTS"]))
+    if os.environ.get("QS_KILL_AT_STEP"):
+        callbacks.append(KillAfterSave(int(os.environ["QS_KILL_AT_STEP"])))
+    main({"pretrain": PRETRAIN_DEFAULTS, "sft": SFT_DEFAULTS}[stage], argv, callbacks)

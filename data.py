@@ -38,6 +38,7 @@ from typing import Any
 import datasets
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +387,8 @@ class VLMDataset(_Records, torch.utils.data.Dataset):
     def __init__(self, source: str, image_root: str | None = None, **options):
         super().__init__(source, image_root, **options)
         self._source, self._row = array("q"), array("q")  # compact: 595K python tuples would cost ~50 MB
-        for s, i, rec in self._records():
+        # Checking opens every image header: minutes for 595K records, so show progress.
+        for s, i, rec in tqdm(self._records(), desc=f"checking {source}", unit=" records", mininterval=2):
             if self.limit is not None and len(self._row) >= self.limit:
                 break
             if self._check(self.sources[s], i, rec) is not None:

@@ -11,6 +11,7 @@ import torch
 import yaml
 from conftest import CPU_RUN, ROOT, shape_image
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 import training
 from collator import IGNORE_INDEX, VLMCollator
@@ -136,9 +137,18 @@ def pretrain(bases, data, out: Path, *extra: str) -> Path:
                          + list(extra))  # fmt: skip
 
 
-def sft(start: Path, data, out: Path, *extra: str) -> Path:
+def sft(start: Path, data, out: Path, *extra: str, callbacks: list | None = None) -> Path:
     argv = ["--model_name_or_path", str(start), "--dataset_name", str(data["sft_train"]), "--output_dir", str(out)]
-    return training.main(training.SFT_DEFAULTS, argv + [*CPU_RUN, "--max_steps", "2", *extra])
+    return training.main(training.SFT_DEFAULTS, argv + [*CPU_RUN, "--max_steps", "2", *extra], callbacks)
+
+
+class RecordOptimizer(TrainerCallback):
+    """Keeps (learning rate, parameter names) of each optimizer group as training starts."""
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        names = {id(p): n for n, p in model.named_parameters()}
+        # initial_lr: the peak rate each group was given; "lr" already holds the warm-up's first value, 0
+        self.groups = [(g["initial_lr"], [names[id(p)] for p in g["params"]]) for g in optimizer.param_groups]
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +206,11 @@ def test_report_to_tensorboard_writes_event_files(stage1):
 
 
 def test_stage2_learns_projector_and_lm_and_answers_through_pipeline_in_fresh_process(stage1, shapes_data, tmp_path):
-    out = sft(stage1, shapes_data, tmp_path / "sft", "--projector_lr", "1e-2")
+    recorder = RecordOptimizer()
+    out = sft(stage1, shapes_data, tmp_path / "sft", "--projector_lr", "1e-2", callbacks=[recorder])
+    lrs = {lr for lr, names in recorder.groups for n in names if "multi_modal_projector" in n}
+    lm_lrs = {lr for lr, names in recorder.groups for n in names if "language_model" in n}
+    assert lrs == {1e-2} and lm_lrs == {training.SFT_DEFAULTS["learning_rate"]}
     before, after = weights(stage1), weights(out)
     assert changed(before, after, "model.multi_modal_projector.")
     assert changed(before, after, "model.language_model.")

@@ -1,0 +1,261 @@
+"""The chat app: its helpers directly, then end to end in headless Chromium, used as a person would use it.
+
+The browser tests start the app on the embedded default's trained checkpoint, upload a PNG, ask in English and in
+Chinese, and compare the streamed answers on the page with greedy `generate` on the same weights. They need
+Debian's Chromium (`apt-get install -y chromium`) and Playwright (`pip install playwright`; its own browser
+download is not used). Set QWEN_SIGLIP_SCREENSHOT=docs/app.png to save a screenshot mid-conversation.
+"""
+
+import inspect
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, shape_image
+
+import app
+
+CHROMIUM = "/usr/bin/chromium"
+# Chromium's own background traffic (updates, sync, field trials) is refused by a closed network; keep it off.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT_MS = 60_000  # a 2-core CI machine shared with other jobs can be slow to prefill
+LIMIT = 256 * 256  # the browser app's --max-image-pixels: a 192 px image passes, a 300 px one is refused
+
+
+def greedy(model, processor, messages: list[dict], image, max_new_tokens: int) -> str:
+    """The reference answer, computed without the app's code."""
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    x = processor(images=[image], text=text, return_tensors="pt")
+    out = model.generate(**x, do_sample=False, max_new_tokens=max_new_tokens)
+    return processor.tokenizer.decode(out[0, x["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def user(text: str, image: bool = False) -> dict:
+    return {"role": "user", "content": [{"type": "image"}] * image + [{"type": "text", "text": text}]}
+
+
+# --- helpers, no browser ---------------------------------------------------------------------------------------
+
+
+def test_defaults_are_private_and_offline():
+    args = app.parse_args(["--model", "some/model"])
+    assert (args.host, args.share, args.max_image_pixels) == ("127.0.0.1", False, app.DEFAULT_MAX_IMAGE_PIXELS)
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+
+
+def test_temperature_zero_is_greedy():
+    assert app.sampling_kwargs(0, 0.9, 5) == dict(do_sample=False, max_new_tokens=5)
+    assert app.sampling_kwargs(0.7, 0.9, 5) == dict(do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=5)
+
+
+def test_chat_messages_follow_the_page_and_put_the_image_in_the_first_turn():
+    history = [  # as Gradio's Chatbot sends its value back: content as a list of blocks
+        {"role": "user", "content": [{"type": "text", "text": "What is it?"}], "metadata": None},
+        {"role": "assistant", "content": [{"type": "text", "text": "A square."}], "metadata": None},
+    ]
+    assert app.chat_messages(history, "它是什么颜色？") == [
+        user("What is it?", image=True),
+        {"role": "assistant", "content": [{"type": "text", "text": "A square."}]},
+        user("它是什么颜色？"),
+    ]
+    assert app.chat_messages([], "Hi") == [user("Hi", image=True)]
+
+
+def test_open_image_refuses_too_many_pixels(tmp_path):
+    shape_image(size=256).save(tmp_path / "ok.png")
+    shape_image(size=300).save(tmp_path / "big.png")
+    assert app.open_image(str(tmp_path / "ok.png"), LIMIT).size == (256, 256)
+    with pytest.raises(ValueError, match="too large: 300×300 = 90,000 pixels; the limit is 65,536"):
+        app.open_image(str(tmp_path / "big.png"), LIMIT)
+
+
+def test_stream_answer_streams_the_greedy_answer(tiny):
+    model, processor = tiny
+    messages, image = [user("What colour is it?", image=True)], shape_image()
+    states = list(app.stream_answer(model, processor, messages, image, do_sample=False, max_new_tokens=12))
+    assert len(set(states)) > 2, "the answer arrived in one piece: not streamed"
+    assert all(b.startswith(a) for a, b in zip(states, states[1:]))  # each state extends the last
+    assert states[-1] == greedy(model, processor, messages, image, 12)
+
+
+def test_stream_answer_stops_when_the_consumer_goes_away(tiny):
+    model, processor = tiny
+    stream = app.stream_answer(model, processor, [user("Hi", image=True)], shape_image(), max_new_tokens=10_000)
+    next(stream)
+    (generating,) = [t for t in threading.enumerate() if t.name == app.GENERATE_THREAD]
+    stream.close()  # what Gradio does on Stop or a closed tab: generation must end too, not run 10k tokens
+    generating.join(timeout=30)
+    assert not generating.is_alive()
+
+
+# --- end to end, in headless Chromium --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def trained(quickstart_run):
+    """The embedded default's trained checkpoint, loaded apart from the app: the reference for its answers."""
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    folder = quickstart_run["checkpoint"]
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    return model, AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+
+
+@pytest.fixture(scope="module")
+def app_url(quickstart_run):
+    """The app on the trained default, served from this process on a free port, with the project's launch settings."""
+    demo = app.build_app(str(quickstart_run["checkpoint"]), max_image_pixels=LIMIT)
+    _, url, _ = app.launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("Playwright is missing: pip install playwright (the browser tests use Debian's Chromium)")
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's Chromium with `apt-get install -y chromium` (as root)")
+    with sync_playwright() as p:
+        # Playwright gives each launch a fresh temporary profile; its own browser download is never used.
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, app_url):
+    """A fresh browser tab on the app (a new Gradio session), recording requests that leave this machine."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=TIMEOUT_MS)
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.external_requests = []
+    page.on("request", lambda r: None if r.url.startswith(app_url) else page.external_requests.append(r.url))
+    page.goto(app_url)
+    yield page
+    page.close()
+
+
+def upload(page, tmp_path: Path, image, name: str) -> None:
+    path = tmp_path / name
+    image.save(path)
+    page.locator("#image input[type=file]").set_input_files(path)
+
+
+def ask(page, question: str) -> None:
+    page.locator("#question textarea").fill(question)
+    page.locator("#question textarea").press("Enter")
+
+
+def shown(answer: str) -> str:
+    """How Gradio labels an answer in the chat: its Chatbot trims surrounding blank space (`inspect.cleandoc`)."""
+    return f"bot's message: {inspect.cleandoc(answer)}"
+
+
+def set_slider(page, label: str, value: float) -> None:
+    box = page.get_by_label(f"number input for {label}")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+class SlowStreamer(app.TextIteratorStreamer):
+    """The app's streamer, 50 ms a piece: the tiny model writes a whole answer faster than a browser repaints."""
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        time.sleep(0.05)
+        super().on_finalized_text(text, stream_end)
+
+
+@pytest.mark.browser
+def test_chat_in_the_browser_streams_greedy_answers_in_english_and_chinese(page, trained, tmp_path, monkeypatch):
+    from playwright.sync_api import expect
+
+    monkeypatch.setattr(app, "TextIteratorStreamer", SlowStreamer)
+    model, processor = trained
+    image = shape_image("red", size=192, box=(12, 12, 84, 84))  # like the training images: a shape in one cell
+    upload(page, tmp_path, image, "red.png")
+    page.get_by_text("Sampling settings").click()
+    set_slider(page, "Temperature (0 = greedy)", 0)  # greedy, so the page must show exactly the reference
+    set_slider(page, "Max new tokens", 24)
+    bot = page.get_by_test_id("bot")  # Gradio labels each answer "bot's message: <the text as streamed>"
+
+    # Record every state of the latest answer as the page updates it, to see the answer arrive in pieces.
+    page.evaluate(
+        """() => { window.seen = new Set();
+        new MutationObserver(() => { const b = [...document.querySelectorAll('[data-testid="bot"]')].pop();
+          if (b) window.seen.add(b.getAttribute('aria-label')); })
+        .observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true}); }"""
+    )
+    first = "Describe the image."  # a caption: several tokens, so streaming shows
+    expected = greedy(model, processor, [user(first, image=True)], image, 24)
+    ask(page, first)
+    expect(bot).to_have_count(1)
+    expect(bot.first).to_have_attribute("aria-label", shown(expected))
+    seen = page.evaluate("[...window.seen]")
+    assert len(seen) > 2, f"the answer appeared in one piece, not streamed: {seen}"
+    expect(page.locator("#question textarea")).to_have_value("")
+
+    # A follow-up in Chinese is about the same image, with the first turn as context.
+    follow_up = "这是什么形状？"
+    # The model's context is the chat as shown, so the first answer comes back in its shown (trimmed) form.
+    history = [user(first, image=True), {"role": "assistant", "content": inspect.cleandoc(expected)}, user(follow_up)]
+    expected_2 = greedy(model, processor, history, image, 24)
+    ask(page, follow_up)
+    expect(bot).to_have_count(2)
+    expect(bot.nth(1)).to_have_attribute("aria-label", shown(expected_2))
+    expect(page.get_by_test_id("user").nth(1)).to_have_text(follow_up)
+    expect(page.locator("#status")).to_have_text("")
+    if shot := os.environ.get("QWEN_SIGLIP_SCREENSHOT"):
+        page.screenshot(path=ROOT / shot, full_page=True)
+
+    # Clearing the chat forgets the turns but keeps the image: the first question gets the first answer again.
+    page.locator("#chatbot").get_by_role("button", name="Clear").click()
+    expect(bot).to_have_count(0)
+    ask(page, first)
+    expect(bot).to_have_count(1)
+    expect(bot.first).to_have_attribute("aria-label", shown(expected))
+
+    blue = shape_image("blue", size=192, box=(108, 108, 180, 180))
+    upload(page, tmp_path, blue, "blue.png")  # a new image starts a new conversation, about the new image
+    expect(bot).to_have_count(0)
+    expected_blue = greedy(model, processor, [user(first, image=True)], blue, 24)
+    assert expected_blue != expected, "the two images get the same answer: this check would be vacuous"
+    ask(page, first)
+    expect(bot.first).to_have_attribute("aria-label", shown(expected_blue))
+    assert page.external_requests == [], "the page reached beyond the app: it would not work offline"
+
+
+@pytest.mark.browser
+def test_missing_and_oversized_images_show_a_message_on_the_page(page, tmp_path):
+    from playwright.sync_api import expect
+
+    ask(page, "What is it?")
+    expect(page.locator("#status")).to_contain_text("Upload or paste an image first")
+    upload(page, tmp_path, shape_image(size=300), "big.png")
+    too_large = "too large: 300×300 = 90,000 pixels; the limit is 65,536"
+    expect(page.locator("#status")).to_contain_text(too_large)  # at once, before any question
+    page.locator("#send").click()
+    expect(page.locator("#status")).to_contain_text(too_large)  # and again when asked: nothing is answered
+    expect(page.get_by_test_id("bot")).to_have_count(0)
+    expect(page.locator("#question textarea")).to_have_value("What is it?")  # kept, to ask again

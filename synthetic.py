@@ -59,6 +59,7 @@ DESCRIBE = {
     "en": ["Describe the image.", "What is in this picture?", "Describe the shapes you see.", "Give a short caption."],
     "zh": ["描述这张图片。", "图片里有什么？", "请简单描述这张图。"],
 }
+SFT_CAPTIONS = 0.1  # captions added to the stage-2 train split, as a share of its questions (none in test)
 MULTI_TURN = 0.25  # share of single-shape train items that get a second question about the same image
 IMAGE_SIZE = 48  # pixels; a multiple of 2 x the patch size (see above)
 PUNCTUATION = ".,!?;:。，！？；：、 \t\n"
@@ -194,6 +195,14 @@ def make_shapes_dataset(
                 seen.add(scene)
             multi_turn = split == "train" and rng.random() < MULTI_TURN
             rows.append(sft_row(rng, scene, save(scene, f"{split}_{i:06d}"), kind, lang, multi_turn))
+        if split == "train":  # some captions too, or stage 2 would forget how to describe an image
+            for i in range(n, n + round(n * SFT_CAPTIONS)):
+                scene, lang = random_scene(rng, image_size, n=rng.randint(1, 3)), rng.choice(LANGS)
+                seen.add(scene)
+                turns = [{"role": "user", "content": "<image>\n" + rng.choice(DESCRIBE[lang])}]
+                turns.append({"role": "assistant", "content": caption(scene, lang)})
+                rows.append({"conversations": turns, "image": save(scene, f"{split}_{i:06d}")})
+            rng.shuffle(rows)
         lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         paths[f"sft_{split}"].write_text(lines, encoding="utf-8")
     return {**paths, "images": out / "images"}

@@ -25,13 +25,16 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+DESCRIBE = {prompt for prompts in synthetic.DESCRIBE.values() for prompt in prompts}  # caption requests
+
+
 def qa_pairs(rows: list[dict]) -> list[tuple[str, str, str]]:
-    """(image, question, answer) for every turn of minimind-v rows."""
+    """(image, question, answer) for every question turn of minimind-v rows (captions left out)."""
     pairs = []
     for row in rows:
         turns = row["conversations"]
         pairs += [(row["image"], q["content"], a["content"]) for q, a in zip(turns[::2], turns[1::2])]
-    return pairs
+    return [(image, q, a) for image, q, a in pairs if q.removeprefix("<image>\n") not in DESCRIBE]
 
 
 def describe_pixels(path: Path) -> tuple[int, str, str, str]:
@@ -63,7 +66,7 @@ def test_generation_is_deterministic(tmp_path):
         assert a[name].read_bytes() == b[name].read_bytes()
         assert a[name].read_bytes() != c[name].read_bytes()
     images = sorted(p.name for p in a["images"].iterdir())
-    assert len(images) == sum(SIZES.values())
+    assert len(images) == sum(SIZES.values()) + round(SIZES["n_sft"] * synthetic.SFT_CAPTIONS)
     assert all((a["images"] / n).read_bytes() == (b["images"] / n).read_bytes() for n in images)
 
 
@@ -79,7 +82,10 @@ def test_files_are_in_the_documented_formats(data):
 
     for name in ("sft_train", "sft_test"):
         rows = read_jsonl(data[name])
-        assert len(rows) == SIZES["n_sft" if name == "sft_train" else "n_test"]
+        captions = [r for r in rows if r["conversations"][0]["content"].removeprefix("<image>\n") in DESCRIBE]
+        n_questions = SIZES["n_sft" if name == "sft_train" else "n_test"]
+        assert len(captions) == (round(n_questions * synthetic.SFT_CAPTIONS) if name == "sft_train" else 0)
+        assert len(rows) == n_questions + len(captions)
         for row in rows:
             assert set(row) == {"conversations", "image"} and row["image"].startswith("images/")
             roles = [turn["role"] for turn in row["conversations"]]

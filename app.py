@@ -11,6 +11,8 @@ Notable:
 - The conversation is what the page shows: the image and the chat are sent with every question, and the whole chat
   is rendered with the processor's chat template, the image in the first user turn. No server-side session state,
   so a Clear or a new image (which empties the chat in the browser) can never race a question.
+- The status line reads "Answering…" until an answer is complete. A question sent before then is asked right after
+  it (Gradio's default would drop it); Clear during an answer is undone by the answer's next piece: Stop first.
 - Temperature 0 means greedy decoding; above 0, temperature + top-p sampling.
 - Images over `--max-image-pixels` are refused from their header, before being decoded; the upload itself is
   capped by Gradio's `max_file_size`. Refusals and failures show in a status line on the page; the server lives on.
@@ -40,6 +42,7 @@ except ImportError as e:  # the trainer does not need Gradio, so it is an option
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # a 50 MP photo; below PIL's own decompression-bomb guard (~89 MP)
 MAX_FILE_SIZE = "50mb"
 GENERATE_THREAD = "qwen-siglip-generate"
+ANSWERING = "✍️ Answering… (Stop interrupts)"  # the status line while an answer is being written
 
 
 class StopOnEvent(StoppingCriteria):
@@ -152,12 +155,14 @@ def build_app(model_path: str, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXE
             image = open_image(path, max_image_pixels)
             messages = chat_messages(history, question)
             kwargs = sampling_kwargs(temperature, top_p, max_new_tokens)
-            yield "", [*history, {"role": "user", "content": question}], ""  # the question shows during prefill
+            chat = [*history, {"role": "user", "content": question}]
+            yield "", chat, ANSWERING  # the question shows during prefill
             # closing(): when Stop cancels this generator, the stream's own cleanup ends the generation thread.
             with closing(stream_answer(model, processor, messages, image, **kwargs)) as stream:
                 for answer in stream:
-                    turn = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-                    yield "", [*history, *turn], ""
+                    chat = [*history, {"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+                    yield gr.skip(), chat, ANSWERING  # skip: the next question may already be being typed
+            yield gr.skip(), chat, ""  # the empty status line says the answer is complete
         except ValueError as e:  # no image, image too large: the question stays in its box, to ask again
             yield question, history, f"⚠️ {e}"
         except Exception as e:  # anything else shows on the page too, instead of ending the server
@@ -202,9 +207,12 @@ def build_app(model_path: str, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXE
             inputs=[question, chatbot, image, temperature, top_p, max_new_tokens],
             outputs=[question, chatbot, status],
             concurrency_id="generate",
+            # Pitfall: Gradio's default ("once") silently drops a question sent while an answer is still
+            # finishing; "always_last" asks it right after instead.
+            trigger_mode="always_last",
         )
         asks = [question.submit(**ask), send.click(**ask)]
-        stop.click(None, cancels=asks)
+        stop.click(lambda: "", outputs=status, cancels=asks)  # a stopped answer is no longer being written
     return demo
 
 

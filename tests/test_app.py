@@ -180,10 +180,17 @@ def set_slider(page, label: str, value: float) -> None:
 
 
 class SlowStreamer(app.TextIteratorStreamer):
-    """The app's streamer, 50 ms a piece: the tiny model writes a whole answer faster than a browser repaints."""
+    """The app's streamer, 50 ms a piece: the tiny model writes a whole answer faster than a browser repaints.
+
+    Each answer's last piece also waits for `finish` to be set, so a test can act while an answer is unfinished.
+    """
+
+    finish = threading.Event()
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         time.sleep(0.05)
+        if stream_end:
+            SlowStreamer.finish.wait(timeout=TIMEOUT_MS / 1000)
         super().on_finalized_text(text, stream_end)
 
 
@@ -192,6 +199,7 @@ def test_chat_in_the_browser_streams_greedy_answers_in_english_and_chinese(page,
     from playwright.sync_api import expect
 
     monkeypatch.setattr(app, "TextIteratorStreamer", SlowStreamer)
+    SlowStreamer.finish.clear()
     model, processor = trained
     image = shape_image("red", size=192, box=(12, 12, 84, 84))  # like the training images: a shape in one cell
     upload(page, tmp_path, image, "red.png")
@@ -205,23 +213,30 @@ def test_chat_in_the_browser_streams_greedy_answers_in_english_and_chinese(page,
         """() => { window.seen = new Set();
         new MutationObserver(() => { const b = [...document.querySelectorAll('[data-testid="bot"]')].pop();
           if (b) window.seen.add(b.getAttribute('aria-label')); })
-        .observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true}); }"""
+        .observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true});
+        window.statuses = new Set();
+        new MutationObserver(() => window.statuses.add(document.querySelector('#status').innerText.trim()))
+        .observe(document.querySelector('#status'), {subtree: true, childList: true, characterData: true}); }"""
     )
     first = "Describe the image."  # a caption: several tokens, so streaming shows
     expected = greedy(model, processor, [user(first, image=True)], image, 24)
     ask(page, first)
     expect(bot).to_have_count(1)
+    expect(page.locator("#status")).to_have_text(app.ANSWERING)  # held unfinished by SlowStreamer.finish
+    expect(page.locator("#question textarea")).to_have_value("")
+
+    # A follow-up in Chinese, typed and sent while the first answer is still being written: it is asked once that
+    # answer is complete, about the same image, with the first turn as context.
+    follow_up = "这是什么形状？"
+    ask(page, follow_up)
+    page.wait_for_timeout(300)  # the unfinished answer keeps streaming: it must not wipe the typed question
+    SlowStreamer.finish.set()
     expect(bot.first).to_have_attribute("aria-label", shown(expected))
     seen = page.evaluate("[...window.seen]")
     assert len(seen) > 2, f"the answer appeared in one piece, not streamed: {seen}"
-    expect(page.locator("#question textarea")).to_have_value("")
-
-    # A follow-up in Chinese is about the same image, with the first turn as context.
-    follow_up = "这是什么形状？"
     # The model's context is the chat as shown, so the first answer comes back in its shown (trimmed) form.
     history = [user(first, image=True), {"role": "assistant", "content": inspect.cleandoc(expected)}, user(follow_up)]
     expected_2 = greedy(model, processor, history, image, 24)
-    ask(page, follow_up)
     expect(bot).to_have_count(2)
     expect(bot.nth(1)).to_have_attribute("aria-label", shown(expected_2))
     expect(page.get_by_test_id("user").nth(1)).to_have_text(follow_up)
@@ -235,6 +250,7 @@ def test_chat_in_the_browser_streams_greedy_answers_in_english_and_chinese(page,
     ask(page, first)
     expect(bot).to_have_count(1)
     expect(bot.first).to_have_attribute("aria-label", shown(expected))
+    expect(page.locator("#status")).to_have_text("")
 
     blue = shape_image("blue", size=192, box=(108, 108, 180, 180))
     upload(page, tmp_path, blue, "blue.png")  # a new image starts a new conversation, about the new image

@@ -18,8 +18,9 @@ Notable:
   skipped, counted by reason and reported in ONE warning; strict=True raises on the first one instead.
 - Images are decoded lazily, per example, and made RGB with care: alpha on white, 16-bit rescaled, not clipped.
 - Image paths are confined to image_root (symlinks resolved); huge images are refused from their header alone.
-- A decode that still fails in __getitem__ (truncated file) returns None: THE COLLATOR MUST DROP None ITEMS
-  (see drop_failed). With DataLoader workers such failures are counted in the worker, not in `ds.skipped`.
+- A decode that still fails in __getitem__ (truncated file) returns None (all-None fields through to_hf()): THE
+  COLLATOR MUST DROP THEM (VLMCollator does, counting them). With DataLoader workers such failures are counted in
+  the worker, not in `ds.skipped`.
 - Pitfall: TRL 1.16's SFTTrainer rejects anything that is not a `datasets` object, so pass `ds.to_hf()` to it.
 """
 
@@ -437,11 +438,6 @@ class IterableVLMDataset(_Records, torch.utils.data.IterableDataset):
     def to_hf(self) -> datasets.IterableDataset:
         """The same stream as a `datasets.IterableDataset`, for SFTTrainer (which then needs max_steps)."""
         return datasets.IterableDataset.from_generator(self.__iter__)
-
-
-def drop_failed(examples: list) -> list:
-    """For the collator: drop the examples whose images failed to decode (None, or all-None fields via to_hf)."""
-    return [ex for ex in examples if ex is not None and ex["messages"] is not None]
 
 
 def load_vlm_dataset(

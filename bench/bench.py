@@ -83,7 +83,7 @@ from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 
 from collator import VLMCollator  # noqa: E402
 from configuration_qwen_siglip import QwenSiglipConfig  # noqa: E402
-from data import drop_failed, load_vlm_dataset  # noqa: E402
+from data import load_vlm_dataset  # noqa: E402
 from export_llava import to_llava  # noqa: E402
 from modeling_qwen_siglip import QwenSiglipForConditionalGeneration  # noqa: E402
 from processing_qwen_siglip import IMAGE_TOKEN, QwenSiglipProcessor  # noqa: E402
@@ -642,21 +642,9 @@ def bench_generation(models: dict, processors: dict, examples: list, tokenizer, 
 # ----------------------------------------------------------------------------- data pipeline
 
 
-class Collate:
-    """What the training DataLoader runs per batch: drop undecodable examples, then the collator."""
-
-    def __init__(self, collator: VLMCollator):
-        self.collator = collator
-
-    def __call__(self, examples: list) -> dict:
-        return self.collator(drop_failed(examples))
-
-
 def bench_data(dataset, collator: VLMCollator, batch_size: int, workers: int) -> dict:
     """Samples/s the loader delivers once running (the first batch, which pays for worker start-up, is not timed)."""
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, collate_fn=Collate(collator)
-    )
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collator)
     it = iter(loader)
     next(it)
     start, n = time.perf_counter(), 0

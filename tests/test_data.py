@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageFile
 
 import data
-from data import drop_failed, load_vlm_dataset, split_placeholders
+from data import load_vlm_dataset, split_placeholders
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -364,9 +364,8 @@ def test_truncated_image_returns_none_counted_or_raises_in_strict(tmp_path):
     path = str(write_json(tmp_path / "d.json", [llava(image="good.png"), llava(image="trunc.png")]))
     ds = load_vlm_dataset(path)
     assert len(ds) == 2 and ds.skipped == Counter()  # the header was fine at load time
-    assert ds[1] is None and ds.skipped == Counter(undecodable_image=1)
-    kept = drop_failed([ds[0], None, {"messages": None, "images": None}])  # the last one is how to_hf() says it
-    assert len(kept) == 1 and colors(kept[0]) == [RED]
+    assert ds[1] is None and ds.skipped == Counter(undecodable_image=1)  # the collator drops it (test_training)
+    assert colors(ds[0]) == [RED]
     with pytest.raises(ValueError, match=r"d\.json record 1: field 'image': cannot decode"):
         load_vlm_dataset(path, strict=True)[1]
 
@@ -440,7 +439,6 @@ def test_works_as_sft_trainer_train_dataset(tmp_path):
 
     def collate(examples):
         seen.extend(examples)
-        examples = drop_failed(examples)
         ids = torch.tensor([[2 + len(ex["images"])] * 4 for ex in examples])
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 

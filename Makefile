@@ -1,26 +1,36 @@
-# The two commands of the README. Each sets up .venv on first use (CPU torch, then this repo's dependencies).
+# The two commands of the README. Each sets up everything it needs on first use, on a fresh machine:
 #   make quickstart   the embedded default: synthetic data, tiny bases, stage 1 + stage 2, held-out accuracy
-#   make test         the test suite CI runs (slow tests excluded; browser tests need Debian's chromium, see .ci/run)
+#   make test         the test suite CI runs (slow tests excluded), Debian's Chromium for the browser tests included
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+# pip's own notices (and this machine's index settings) are not for the user: -qq keeps errors only.
+PIP := $(PY) -m pip install -qq --disable-pip-version-check
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PIP) --upgrade pip
+	$(PIP) "$(TORCH)"
+	$(PIP) -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
 
+# The browser tests drive Debian's Chromium through Playwright: Playwright's own browser download needs the open
+# internet, Debian's package does not. Installed once, as root or through sudo.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
 quickstart: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) quickstart.py
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed chromium
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-.PHONY: install quickstart test lint
+.PHONY: install chromium quickstart test lint

@@ -8,11 +8,12 @@ TORCH ?= torch==2.13.0
 PIP := $(PY) -m pip install -qq --disable-pip-version-check
 
 $(VENV)/.installed: pyproject.toml
-	python3 -m venv $(VENV)
-	$(PIP) --upgrade pip
-	$(PIP) "$(TORCH)"
-	$(PIP) -e ".[dev]"
-	touch $@
+	@echo "setting up $(VENV): CPU PyTorch, then this repo's dependencies (first run only, about 1.5 minutes)"
+	@python3 -m venv $(VENV)
+	@$(PIP) --upgrade pip
+	@$(PIP) "$(TORCH)"
+	@$(PIP) -e ".[dev]"
+	@touch $@
 
 install: $(VENV)/.installed
 

@@ -12,10 +12,13 @@ Notable:
 - Tensors are saved under the llava-hf names (`language_model.model.*`, `vision_tower.vision_model.*`, ...): the
   layout every LLaVA loader reads. transformers 5 maps them back on load; vLLM's SigLIP loader needs the
   `vision_model.` level that transformers 5 would otherwise flatten away.
-- The processor keeps our tokenizer, image processor and chat template. The template writes
-  `<|vision_start|><|image_pad|><|vision_end|>` per image and LlavaProcessor expands the `<|image_pad|>` to
-  (image_size / patch_size)^2 copies, so input_ids are identical to ours. Raw text must use that same triple: the
-  literal `<image>` of LLaVA-1.5 datasets is understood by our processor only.
+- LLaVA's own placeholder `<image>` is the export's image token, so tools that write it into raw text (lmms-eval's
+  loglikelihood tasks, LLaVA-1.5 prompts) work. It is added to the tokenizer as a special token at the first free id
+  (151665 for Qwen2.5, whose embedding matrix has 151,936 rows for 151,665 tokens): a spare row, so the weights are
+  unchanged, and its value never reaches the logits since image positions are overwritten by image features.
+- The chat template writes `<|vision_start|><image><|vision_end|>` per image and LlavaProcessor expands the `<image>`
+  to (image_size / patch_size)^2 copies: only the id at image positions differs from ours, so logits are identical.
+  Pitfall: on the export `<|image_pad|>` in raw text is an ordinary token, no longer an image.
 - Pixel shuffle cannot be exported: LLaVA's projector consumes one vision token per image token and has no place
   to fold patches together. Such checkpoints are refused before anything is written.
 - `to_llava(model)` converts in memory, sharing the tensors (no copy, no disk): what a benchmark needs to run the
@@ -27,16 +30,22 @@ import copy
 from pathlib import Path
 
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import AddedToken, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from configuration_qwen_siglip import QwenSiglipConfig
 from modeling_qwen_siglip import QwenSiglipForConditionalGeneration
-from processing_qwen_siglip import IMAGE_TOKEN, QwenSiglipProcessor
+from processing_qwen_siglip import IMAGE_PLACEHOLDER, IMAGE_TOKEN, QwenSiglipProcessor
+
+LLAVA_IMAGE_TOKEN = "<image>"  # the export's image token: what LLaVA-style prompts and tools write in raw text
+LLAVA_IMAGE_PLACEHOLDER = IMAGE_PLACEHOLDER.replace(IMAGE_TOKEN, LLAVA_IMAGE_TOKEN)  # what its chat template writes
 
 
-def llava_config(config: QwenSiglipConfig) -> LlavaConfig:
-    """The LlavaConfig that computes exactly what `config` does; ValueError if LLaVA cannot express it."""
+def llava_config(config: QwenSiglipConfig, image_token_id: int | None = None) -> LlavaConfig:
+    """The LlavaConfig that computes exactly what `config` does; ValueError if LLaVA cannot express it.
+
+    `image_token_id` replaces ours (`<|image_pad|>`), as the export does with `<image>`; the model computes the same.
+    """
     if config.pixel_shuffle_factor != 1:
         raise ValueError(
             f"This checkpoint uses pixel_shuffle_factor={config.pixel_shuffle_factor}, which LLaVA cannot express: "
@@ -51,7 +60,7 @@ def llava_config(config: QwenSiglipConfig) -> LlavaConfig:
     return LlavaConfig(
         vision_config=config.vision_config.to_dict(),  # SigLIP, pooling head off: LLaVA builds the same tower
         text_config=text_config,
-        image_token_index=config.image_token_id,
+        image_token_index=config.image_token_id if image_token_id is None else image_token_id,
         image_seq_length=config.num_image_tokens,
         vision_feature_layer=config.vision_feature_layer,  # same meaning: an index into hidden_states
         vision_feature_select_strategy="full",  # SigLIP has no CLS token: "default" would drop a real patch
@@ -61,13 +70,16 @@ def llava_config(config: QwenSiglipConfig) -> LlavaConfig:
     )
 
 
-def to_llava(model: QwenSiglipForConditionalGeneration) -> LlavaForConditionalGeneration:
+def to_llava(
+    model: QwenSiglipForConditionalGeneration, image_token_id: int | None = None
+) -> LlavaForConditionalGeneration:
     """The same model as a LlavaForConditionalGeneration, in memory. It shares `model`'s tensors: no copy is made,
-    so changing the weights of one changes the other."""
+    so changing the weights of one changes the other. The image token stays ours unless `image_token_id` is given
+    (the export gives `<image>`'s, see `llava_processor`)."""
     # Built on the meta device: no memory and no random init (20 s for the 0.5B model on 2 CPU cores), since every
     # tensor is taken from `model` just below.
     with torch.device("meta"):
-        llava = LlavaForConditionalGeneration(llava_config(model.config))
+        llava = LlavaForConditionalGeneration(llava_config(model.config, image_token_id))
     llava.load_state_dict(model.state_dict(), strict=True, assign=True)
     # Non-persistent buffers (RoPE frequencies, SigLIP position ids) are not in the state dict; the submodules are
     # the same classes under the same names, so take them from `model` as well.
@@ -83,13 +95,22 @@ def to_llava(model: QwenSiglipForConditionalGeneration) -> LlavaForConditionalGe
 
 
 def llava_processor(processor: QwenSiglipProcessor, config: QwenSiglipConfig) -> LlavaProcessor:
-    """A LlavaProcessor that gives the same input_ids and pixel_values as `processor` for the same chat."""
+    """A LlavaProcessor whose image token is `<image>` and that gives the same input_ids as `processor` for the same
+    chat, except at image positions (`<image>`'s id instead of `<|image_pad|>`'s), and the same pixel_values."""
     image_processor = copy.deepcopy(processor.image_processor)
     tokenizer = copy.deepcopy(processor.tokenizer)
     # Saved QwenSiglip parts point AutoProcessor at our remote code; the export must not.
     for part in (image_processor, tokenizer.init_kwargs):
         _drop(part, "auto_map")
     _drop(tokenizer.init_kwargs, "processor_class")
+    add_image_token(tokenizer, config.text_config.vocab_size)
+    if IMAGE_PLACEHOLDER not in processor.chat_template:
+        raise ValueError(
+            f"The chat template never writes {IMAGE_PLACEHOLDER!r} for an image, so the export cannot make it write "
+            f"{LLAVA_IMAGE_TOKEN!r} instead; export a checkpoint that uses QwenSiglip's chat template"
+        )
+    # Same wrappers as ours, so a chat gives our sequence; LlavaProcessor expands the <image> to the grid.
+    chat_template = processor.chat_template.replace(IMAGE_PLACEHOLDER, LLAVA_IMAGE_PLACEHOLDER)
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -98,10 +119,35 @@ def llava_processor(processor: QwenSiglipProcessor, config: QwenSiglipConfig) ->
         patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy="full",
         num_additional_image_tokens=0,
-        image_token=IMAGE_TOKEN,
-        # Ours wraps each <|image_pad|> in <|vision_start|>/<|vision_end|>, so LLaVA expands the same ids.
-        chat_template=processor.chat_template,
+        image_token=LLAVA_IMAGE_TOKEN,
+        chat_template=chat_template,
     )
+
+
+def add_image_token(tokenizer, text_vocab_size: int) -> int:
+    """Add `<image>` to `tokenizer` (in place) as a special token at its first free id; returns that id.
+
+    ValueError if the id has no spare embedding row (the weights would have to grow) or `<image>` is already a token
+    (text that uses it would silently change meaning).
+    """
+    if (existing := tokenizer.get_vocab().get(LLAVA_IMAGE_TOKEN)) is not None:
+        raise ValueError(
+            f"The tokenizer already has a {LLAVA_IMAGE_TOKEN!r} token (id {existing}); the export needs a new one to "
+            "make it LLaVA's image token"
+        )
+    token_id = len(tokenizer)  # the first id past every regular and added token
+    if token_id >= text_vocab_size:
+        raise ValueError(
+            f"No spare embedding row for {LLAVA_IMAGE_TOKEN!r}: the tokenizer has {token_id} tokens and the language "
+            f"model's embedding matrix {text_vocab_size} rows. The export adds {LLAVA_IMAGE_TOKEN!r} at id {token_id} "
+            "without changing any weight, which needs text_config.vocab_size > len(tokenizer) (Qwen2.5: 151936 > "
+            "151665)."
+        )
+    tokenizer.add_tokens([AddedToken(LLAVA_IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    added = tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN)
+    if added != token_id:  # a tokenizer with holes in its ids would put it elsewhere
+        raise RuntimeError(f"{LLAVA_IMAGE_TOKEN!r} was added at id {added}, not at the first free id {token_id}")
+    return token_id
 
 
 def _drop(obj, key: str) -> None:
@@ -133,16 +179,18 @@ def export(src: str | Path, dst: str | Path) -> Path:
         raise FileExistsError(f"{dst} is not empty; export into a new or empty folder")
     config = QwenSiglipConfig.from_pretrained(src)
     llava_config(config)  # refuse an inexpressible checkpoint before loading any weight
-    model = QwenSiglipForConditionalGeneration.from_pretrained(src).eval()
     # Given the config, AutoTokenizer need not read config.json, whose auto_map would ask to trust remote code.
     processor = QwenSiglipProcessor.from_pretrained(src, config=config)
-    llava = to_llava(model)
+    llava_proc = llava_processor(processor, config)  # refuses a tokenizer with no spare row for <image>, early too
+    model = QwenSiglipForConditionalGeneration.from_pretrained(src).eval()
+    llava = to_llava(model, image_token_id=llava_proc.image_token_id)
     dst.mkdir(parents=True, exist_ok=True)
     llava.save_pretrained(dst, state_dict=llava_hub_state_dict(llava))
-    llava_processor(processor, config).save_pretrained(dst)
+    llava_proc.save_pretrained(dst)
     print(
         f"Exported {src} -> {dst}: LlavaForConditionalGeneration + LlavaProcessor, {config.num_image_tokens} image "
-        "tokens per image, no remote code (for vLLM, SGLang, lmms-eval, transformers' AutoModelForImageTextToText)"
+        f"tokens per image, image token {LLAVA_IMAGE_TOKEN} (id {llava_proc.image_token_id}), no remote code (for "
+        "transformers serve, vLLM, SGLang, lmms-eval, transformers' AutoModelForImageTextToText)"
     )
     return dst
 

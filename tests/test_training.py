@@ -1,7 +1,9 @@
-"""Training: assistant-only labels, safe truncation, both stages, LoRA, push, distributed ranks, resume, quickstart."""
+"""Training: labels, both stages, LoRA, push without secrets, launchers (torchrun, accelerate, two nodes, FSDP2),
+resume after a crash (half-written checkpoints too), quickstart."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ import training
 from collator import IGNORE_INDEX, VLMCollator
 
 RUNNER = str(ROOT / "tests" / "stage_runner.py")
+FAKE_TOKEN = "hf_FAKEtokenThatMustNeverBeWrittenAnywhere0123"
 
 
 def chat(*turns: str, system: str | None = None, images: int = 1) -> dict:
@@ -197,7 +200,8 @@ def test_stage1_output_is_exactly_what_goes_to_the_hub(stage1):
     header = yaml.safe_load(card.split("---")[1])
     assert header["library_name"] == "transformers" and header["pipeline_tag"] == "image-text-to-text"
     assert header["license"] == "apache-2.0" and "qwen-siglip" in header["tags"]
-    assert "| epochs / steps | 1 / 2 |" in card and "final training loss" in card and "loss.png" in card
+    # 32 captions at batch 4 are 8 steps an epoch: --max_steps 2 stopped after a quarter of the one configured
+    assert "| epochs / steps | 0.25 / 2 |" in card and "final training loss" in card and "loss.png" in card
     assert str(stage1.parent) not in card  # no path of the training machine in a public card
 
 
@@ -256,6 +260,62 @@ def test_push_to_hub_uploads_the_output_folder_once_at_the_end(stage1, shapes_da
     assert "checkpoint-*" in upload["ignore_patterns"]
     card = (out / "README.md").read_text()
     assert "# someone/tiny-vlm" in card and 'from_pretrained("someone/tiny-vlm"' in card
+
+
+def mock_hub(monkeypatch) -> list[dict]:
+    """HfApi without a network: create_repo does nothing, upload_folder records its arguments."""
+    import huggingface_hub
+
+    uploads = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: uploads.append(kw) or "url")
+    return uploads
+
+
+def files_the_push_uploads(upload: dict) -> dict[str, bytes]:
+    """What upload_folder(**upload) would send: huggingface_hub's own listing and filter, with its default ignores."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS
+
+    api = HfApi()
+    api._validate_yaml = lambda *args, **kwargs: None  # the card's YAML check is a request to the Hub
+    ignore = [*(upload.get("ignore_patterns") or []), *DEFAULT_IGNORE_PATTERNS]
+    ops = api._prepare_upload_folder_additions(
+        upload["folder_path"], "", allow_patterns=upload.get("allow_patterns"), ignore_patterns=ignore
+    )
+    return {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in ops}
+
+
+def test_nothing_pushed_holds_the_token_or_a_path_of_the_training_machine(
+    tiny_bases, shapes_data, tmp_path, tmp_path_factory, monkeypatch
+):
+    uploads = mock_hub(monkeypatch)
+    push = ["--push_to_hub", "true", "--hub_model_id", "someone/x", "--hub_token", FAKE_TOKEN]
+    out = pretrain(tiny_bases, shapes_data, tmp_path / "run", *push, "--report_to", "tensorboard",
+                   "--save_strategy", "steps", "--save_steps", "1")  # fmt: skip
+    (upload,) = uploads
+    pushed = files_the_push_uploads(upload)
+    assert {"model.safetensors", "config.json", "README.md", "loss.png", "modeling_qwen_siglip.py"} <= set(pushed)
+    assert not [f for f in pushed if f.startswith(("checkpoint-", "runs/")) or f == "training_args.bin"]
+    # Every byte, binaries included: the token, and any path of this machine (temp root, bases, output, home).
+    secrets = [FAKE_TOKEN, str(tmp_path_factory.getbasetemp()), str(tiny_bases[0]), str(out), str(Path.home())]
+    for name, data in pushed.items():
+        for secret in secrets:
+            assert secret.encode() not in data, f"{name} holds {secret}"
+    # The token is on no disk at all, pushed or not: checkpoints pickle their arguments (training_args.bin).
+    for path in out.rglob("*"):
+        assert not path.is_file() or FAKE_TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_eval_folder_is_pushed_only_when_asked(stage1, tmp_path, monkeypatch):
+    uploads = mock_hub(monkeypatch)
+    model = shutil.copytree(stage1, tmp_path / "model")
+    (model / "eval").mkdir()
+    (model / "eval" / "predictions.jsonl").write_text('{"reference": "a held-out answer"}\n')  # as evaluate.py
+    training.push_folder(model, "someone/x")
+    training.push_folder(model, "someone/x", push_eval=True)
+    by_default, asked = (files_the_push_uploads(u) for u in uploads)
+    assert not [f for f in by_default if f.startswith("eval/")] and "eval/predictions.jsonl" in asked
 
 
 # ----------------------------------------------------------------------------- processes: ranks, crashes

@@ -126,6 +126,17 @@ def test_accelerate_configs_name_a_distributed_setup(config):
     assert settings["mixed_precision"] == "bf16" and settings["num_processes"] > 1
 
 
+def test_slurm_recipe_is_bash_that_starts_a_resumable_run_per_node():
+    script = ROOT / "recipes" / "slurm" / "train_sft.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    assert '--nnodes "$SLURM_NNODES"' in text and '--node_rank "$SLURM_NODEID"' in text
+    assert "--resume_from_checkpoint true" in text and "#SBATCH --requeue" in text
+    recipe = text.split("train_sft.py --config ")[1].split()[0]
+    _, args, _ = training.parse_args(training.SFT_DEFAULTS, ["--config", str(ROOT / recipe), "--use_cpu", "true"])
+    assert args.resume_from_checkpoint is None  # the recipe itself starts afresh; the script adds `true`
+
+
 def test_unknown_train_module_is_refused(tiny_bases, shapes_data, tmp_path):
     with pytest.raises(ValueError, match="--train_modules: unknown"):
         pretrain(tiny_bases, shapes_data, tmp_path, "--train_modules", "projector", "decoder")

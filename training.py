@@ -8,8 +8,8 @@ Notable:
 - Labels come from our collator (assistant tokens only). TRL's own dataset preparation is skipped: the data module
   already gives TRL's conversational format and images are decoded lazily, per batch.
 - `--global_batch_size` sets gradient accumulation from the per-device batch and the number of processes, read from
-  the launcher (`WORLD_SIZE`), not from TrainingArguments: under some launches (DeepSpeed config, no GPU) the
-  latter reads 1 while two processes run.
+  the launcher (`WORLD_SIZE`), not from TrainingArguments, which has read 1 while two processes ran
+  (`accelerate launch` with a DeepSpeed config on a machine without a GPU).
 - `--projector_lr` gives the projector its own learning rate (a parameter group), whatever else trains.
 - `--push_to_hub` is handled here, once, at the end: the output folder (weights, config with auto_map, the three
   .py files, processor, generation config, model card, loss plot) is uploaded exactly as it is on disk, less
@@ -264,9 +264,10 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
     if is_complete(Path(value)):
         return value
     newest = newest_complete_checkpoint(output_dir)
-    hint = f"the newest complete one is {newest}" if newest else f"there is no complete checkpoint in {output_dir}"
+    hint = (f"the newest complete one is {newest} (`true` picks it)" if newest
+            else f"there is no complete checkpoint in {output_dir}")  # fmt: skip
     problem = "does not exist" if not Path(value).exists() else "is incomplete (no readable trainer_state.json)"
-    raise ValueError(f"--resume_from_checkpoint {value} {problem}; {hint} (or pass `true` to pick it)")
+    raise ValueError(f"--resume_from_checkpoint {value} {problem}; {hint}")
 
 
 def main(stage_defaults: dict, argv: list[str] | None = None, callbacks: list | None = None) -> Path:

@@ -1,10 +1,13 @@
 """The model card (README.md) and loss plot written next to every trained checkpoint.
 
 Notable:
-- The YAML header is what the Hub indexes: `library_name`, `pipeline_tag`, `base_model`, `datasets`, `license`, tags.
-  Only names that look like Hub ids go there; a local folder is named by its last component in the body, so no
-  path of the training machine ends up on the Hub.
-- The body states the real hyperparameters, the steps run and the final loss, read from the trainer's state.
+- The YAML header is what the Hub indexes: `library_name`, `pipeline_tag`, `base_model` (the stage's starting
+  checkpoint, or the two bases of stage 1) with `base_model_relation`, `datasets`, `license`, tags. Only names that
+  are Hub ids go there, so the Hub links the model tree; a local folder is named by its last component in the body,
+  so no path of the training machine ends up on the Hub.
+- `base_model_relation` is explicit: with two bases listed the Hub would otherwise infer a "merge".
+- The body states the real hyperparameters, the epochs and steps actually run (`--max_steps` may stop a run early)
+  and the final loss, read from the trainer's state.
 """
 
 import re
@@ -14,8 +17,8 @@ HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def hub_ids(*names: str | None) -> list[str]:
-    """Names that are Hub ids (owner/name) and not local folders."""
-    return [n for n in names if n and HUB_ID.match(n) and not Path(n).exists()]
+    """Names that are Hub ids (owner/name) and not local folders ("./x", "../x" and existing paths are local)."""
+    return [n for n in names if n and HUB_ID.match(n) and not n.startswith(".") and not Path(n).exists()]
 
 
 def display_name(name: str | None) -> str:
@@ -46,18 +49,21 @@ def plot_loss(log_history: list[dict], path: Path) -> Path | None:
     return path
 
 
-def write_model_card(output_dir: str, state, args, script_args, model_args, model) -> Path:
-    """Write README.md into output_dir from the run's arguments and trainer state."""
+def write_model_card(output_dir: str, state, args, script_args, model_args, model, processes: int = 1) -> Path:
+    """Write README.md into output_dir from the run's arguments and trainer state (`processes`: ranks that trained)."""
     start = model_args.model_name_or_path
     bases = [start] if start else [script_args.vision_model, script_args.text_model]
     losses = [h["loss"] for h in state.log_history if "loss" in h]
-    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
     name = args.hub_model_id or Path(output_dir).name
     header = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text"]
     header.append(f"license: {script_args.license}")
-    for key, values in (("base_model", hub_ids(*bases)), ("datasets", hub_ids(script_args.dataset_name))):
-        if values:
-            header += [f"{key}:"] + [f"- {v}" for v in values]
+    if base_models := hub_ids(*bases):
+        adapter = model_args.use_peft and not script_args.merge_adapter  # the folder holds only LoRA weights
+        header += ["base_model:"] + [f"- {b}" for b in base_models]
+        header.append(f"base_model_relation: {'adapter' if adapter else 'finetune'}")
+    if datasets := hub_ids(script_args.dataset_name):
+        header += ["datasets:"] + [f"- {d}" for d in datasets]
     header += ["tags:", "- qwen-siglip", "- vision-language", "- image-text-to-text", "- trl", "- sft", "---"]
     c = model.config
     rows = {
@@ -69,7 +75,7 @@ def write_model_card(output_dir: str, state, args, script_args, model_args, mode
         "schedule": f"{getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}, warm-up "
         f"{args.warmup_steps:g}",
         "global batch": global_batch,
-        "epochs / steps": f"{args.num_train_epochs:g} / {state.global_step}",
+        "epochs / steps": f"{round(state.epoch or 0, 2):g} / {state.global_step}",  # run, not configured
         "max length": args.max_length,
         "final training loss": f"{losses[-1]:.4f}" if losses else "n/a",
         "image tokens per image": c.num_image_tokens,

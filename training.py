@@ -7,15 +7,26 @@ Notable:
   from a QwenSiglip checkpoint (`--model_name_or_path`).
 - Labels come from our collator (assistant tokens only). TRL's own dataset preparation is skipped: the data module
   already gives TRL's conversational format and images are decoded lazily, per batch.
-- `--global_batch_size` sets gradient accumulation from the per-device batch and the number of processes.
+- `--global_batch_size` sets gradient accumulation from the per-device batch and the number of processes, read from
+  the launcher (`WORLD_SIZE`), not from TrainingArguments, which has read 1 while two processes ran
+  (`accelerate launch` with a DeepSpeed config on a machine without a GPU).
 - `--projector_lr` gives the projector its own learning rate (a parameter group), whatever else trains.
 - `--push_to_hub` is handled here, once, at the end: the output folder (weights, config with auto_map, the three
-  .py files, processor, generation config, model card, loss plot) is uploaded exactly as it is on disk.
+  .py files, processor, generation config, model card, loss plot) is uploaded exactly as it is on disk, less
+  checkpoints, TensorBoard runs, `training_args.bin` (a pickle holding local paths) and `eval/` (held-out
+  references; `--push_eval true` adds it).
+- Secrets and paths: `--hub_token` is taken out of the arguments before anything is saved (checkpoints pickle them),
+  and the sub-configs forget the local folders they were loaded from, so no file that is pushed names the token or
+  a path of the training machine.
+- `--resume_from_checkpoint true` resumes from the newest *complete* `checkpoint-N` (one killed mid-save has weights
+  but no `trainer_state.json`, which transformers writes last); an explicit incomplete one is refused up front.
 """
 
+import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,6 +104,7 @@ class ScriptArguments:
     projector_lr: float | None = field(default=None, metadata={"help": "Learning rate of the projector alone."})
     global_batch_size: int | None = field(default=None, metadata={"help": "Sets gradient accumulation steps."})
     merge_adapter: bool = field(default=False, metadata={"help": "With --use_peft: save a merged plain model."})
+    push_eval: bool = field(default=False, metadata={"help": "With --push_to_hub: upload <output_dir>/eval too."})
     license: str = "apache-2.0"
 
 
@@ -121,6 +133,10 @@ def build_model(script_args: ScriptArguments, model_args: ModelConfig):
         if model_args.attn_implementation:
             model.set_attn_implementation(model_args.attn_implementation)
         processor = QwenSiglipProcessor.from_pretrained_parts(vision, text, model.config.num_image_tokens)
+    # Pitfall: each sub-config keeps the folder it was loaded from in `_name_or_path`, and config.json (in every
+    # checkpoint and on the Hub) would carry it. The card names the bases; the config needs no path.
+    for sub in (model.config.text_config, model.config.vision_config):
+        sub.name_or_path = ""
     return model, processor
 
 
@@ -189,17 +205,69 @@ class ProgressLog(TrainerCallback):
             logger.info(f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}")
 
 
+def num_processes(training_args: SFTConfig) -> int:
+    """How many processes train: torchrun and `accelerate launch` (one node or several) export WORLD_SIZE."""
+    launched = os.environ.get("WORLD_SIZE")
+    return int(launched) if launched else training_args.world_size
+
+
 def set_accumulation(training_args: SFTConfig, global_batch_size: int | None) -> None:
     """Gradient accumulation from the wanted global batch, the per-device batch and the number of processes."""
     if not global_batch_size:
         return
-    per_step = training_args.per_device_train_batch_size * training_args.world_size
+    per_step = training_args.per_device_train_batch_size * num_processes(training_args)
     training_args.gradient_accumulation_steps = max(1, math.ceil(global_batch_size / per_step))
     if global_batch_size % per_step:
         logger.warning(
             f"global batch {global_batch_size} is not a multiple of {per_step} (per-device x processes): using "
             f"{training_args.gradient_accumulation_steps * per_step}"
         )
+
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """Trainer writes trainer_state.json last (after weights, optimizer, RNG): a readable one means a whole save."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):  # missing, or cut short by a kill during the write
+        return False
+
+
+def newest_complete_checkpoint(output_dir: str) -> Path | None:
+    """The complete `checkpoint-N` with the highest N in output_dir; warns about newer incomplete ones it skips."""
+    folder = Path(output_dir)
+    found = [p for p in folder.iterdir() if CHECKPOINT.match(p.name) and p.is_dir()] if folder.is_dir() else []
+    for path in sorted(found, key=lambda p: int(CHECKPOINT.match(p.name)[1]), reverse=True):
+        if is_complete(path):
+            return path
+        logger.warning(f"skipping {path.name}: incomplete (no readable trainer_state.json; killed during its save?)")
+    return None
+
+
+def resolve_resume(value: str | None, output_dir: str) -> str | None:
+    """`--resume_from_checkpoint`: "true" = the newest complete checkpoint (none: start afresh), or a path.
+
+    Checked before the model and data load, so a bad path costs seconds, not a model load.
+    """
+    if not value or value.lower() == "false":
+        return None
+    if value.lower() == "true":
+        newest = newest_complete_checkpoint(output_dir)
+        if newest is None:
+            logger.warning(f"--resume_from_checkpoint true: no complete checkpoint in {output_dir}; starting afresh")
+        else:
+            logger.info(f"resuming from {newest}")
+        return None if newest is None else str(newest)
+    if is_complete(Path(value)):
+        return value
+    newest = newest_complete_checkpoint(output_dir)
+    hint = (f"the newest complete one is {newest} (`true` picks it)" if newest
+            else f"there is no complete checkpoint in {output_dir}")  # fmt: skip
+    problem = "does not exist" if not Path(value).exists() else "is incomplete (no readable trainer_state.json)"
+    raise ValueError(f"--resume_from_checkpoint {value} {problem}; {hint}")
 
 
 def main(stage_defaults: dict, argv: list[str] | None = None, callbacks: list | None = None) -> Path:
@@ -213,7 +281,13 @@ def main(stage_defaults: dict, argv: list[str] | None = None, callbacks: list | 
     # Our collator needs the raw `messages`/`images` columns and builds labels itself.
     training_args.remove_unused_columns = False
     training_args.dataset_kwargs = {"skip_prepare_dataset": True}
-    push, training_args.push_to_hub = training_args.push_to_hub, False  # pushed once at the end, see push()
+    push, training_args.push_to_hub = training_args.push_to_hub, False  # pushed once at the end, see push_folder()
+    # Pitfall: Trainer pickles the arguments into training_args.bin (final folder and every checkpoint); a token
+    # left in them is a secret on disk, and on the Hub if that folder is ever pushed. Keep it out of them.
+    hub_token, training_args.hub_token = training_args.hub_token, None
+    if push and not training_args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id user/name")
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     set_accumulation(training_args, script_args.global_batch_size)
 
     model, processor = build_model(script_args, model_args)
@@ -236,13 +310,15 @@ def main(stage_defaults: dict, argv: list[str] | None = None, callbacks: list | 
         peft_config=peft_config(model_args, script_args.train_modules) if model_args.use_peft else None,
         callbacks=[ProgressLog(), *(callbacks or [])],
         projector_lr=script_args.projector_lr,
-        card_info=dict(script_args=script_args, model_args=model_args, model=model),
+        card_info=dict(
+            script_args=script_args, model_args=model_args, model=model, processes=num_processes(training_args)
+        ),
     )
     logger.info(f"trainable parameters: {sum(p.numel() for p in trainer.model.parameters() if p.requires_grad):,}")
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or None)
+    trainer.train(resume_from_checkpoint=resume)
     out = save(trainer, processor, script_args.merge_adapter and model_args.use_peft)
     if push and trainer.is_world_process_zero():
-        push_folder(out, training_args.hub_model_id, private=training_args.hub_private_repo)
+        push_folder(out, training_args.hub_model_id, training_args.hub_private_repo, hub_token, script_args.push_eval)
     return out
 
 
@@ -264,16 +340,24 @@ def save(trainer: QwenSiglipTrainer, processor, merge: bool) -> Path:
     return out
 
 
-def push_folder(folder: Path, repo_id: str | None, private: bool | None = None) -> str:
-    """Upload the output folder as it is on disk (checkpoints and TensorBoard runs left out)."""
+def push_ignore_patterns(push_eval: bool = False) -> list[str]:
+    """What stays local: checkpoints, TensorBoard runs (they log the output path), the pickled TrainingArguments
+    (absolute paths), and unless asked the evaluation folder (held-out references and predictions)."""
+    patterns = ["checkpoint-*", "checkpoint-*/**", "runs/**", "training_args.bin"]
+    return patterns if push_eval else patterns + ["eval/**"]
+
+
+def push_folder(
+    folder: Path, repo_id: str | None, private: bool | None = None, token: str | None = None, push_eval: bool = False
+) -> str:
+    """Upload the output folder as it is on disk, less what push_ignore_patterns() keeps local."""
     from huggingface_hub import HfApi
 
     if not repo_id:
         raise ValueError("--push_to_hub needs --hub_model_id user/name")
-    api = HfApi()
+    api = HfApi(token=token)  # None: the login's token (HF_TOKEN or `hf auth login`)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    commit = api.upload_folder(
-        repo_id=repo_id, folder_path=str(folder), ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**"]
-    )
+    ignore = push_ignore_patterns(push_eval)
+    commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), ignore_patterns=ignore)
     logger.info(f"pushed {folder} to {repo_id}")
     return os.fspath(getattr(commit, "commit_url", repo_id))

@@ -4,9 +4,14 @@
 
 Environment switches (test use only):
 - QS_DUMP_WEIGHTS=<dir>: every rank writes its final trainable weights to <dir>/rank<N>.pt.
+- QS_DUMP_ARGS=<dir>: every rank writes <dir>/args<N>.json: gradient accumulation, processes seen by the launcher
+  and by TrainingArguments, as the Trainer was built.
 - QS_KILL_AT_STEP=<n>: the process SIGKILLs itself right after the checkpoint of step n is written, as a crash would.
+- QS_KILL_IN_SAVE=<n>: SIGKILL in the middle of the checkpoint of step n: weights written, optimizer and
+  trainer_state.json not (a node preempted during a save).
 """
 
+import json
 import os
 import signal
 import sys
@@ -16,6 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import training  # noqa: E402
 from training import PRETRAIN_DEFAULTS, SFT_DEFAULTS, main  # noqa: E402
 
 
@@ -27,6 +33,29 @@ class DumpWeights(TrainerCallback):
         rank = int(os.environ.get("RANK", 0))
         weights = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
         torch.save(weights, self.folder / f"rank{rank}.pt")
+
+
+class DumpArgs(TrainerCallback):
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+
+    def on_init_end(self, args, state, control, **kwargs):
+        rank = int(os.environ.get("RANK", 0))
+        seen = dict(gradient_accumulation_steps=args.gradient_accumulation_steps, args_world_size=args.world_size,
+                    env_world_size=int(os.environ.get("WORLD_SIZE", 1)))  # fmt: skip
+        (self.folder / f"args{rank}.json").write_text(json.dumps(seen))
+
+
+def kill_in_save(step: int) -> None:
+    """Trainer saves weights, then optimizer/scheduler, RNG, and trainer_state.json last: die between the first two."""
+    save_optimizer = training.QwenSiglipTrainer._save_optimizer_and_scheduler
+
+    def dying(self, output_dir):
+        if self.state.global_step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return save_optimizer(self, output_dir)
+
+    training.QwenSiglipTrainer._save_optimizer_and_scheduler = dying
 
 
 class KillAfterSave(TrainerCallback):
@@ -43,6 +72,10 @@ if __name__ == "__main__":
     callbacks = []
     if os.environ.get("QS_DUMP_WEIGHTS"):
         callbacks.append(DumpWeights(os.environ["QS_DUMP_WEIGHTS"]))
+    if os.environ.get("QS_DUMP_ARGS"):
+        callbacks.append(DumpArgs(os.environ["QS_DUMP_ARGS"]))
+    if os.environ.get("QS_KILL_IN_SAVE"):
+        kill_in_save(int(os.environ["QS_KILL_IN_SAVE"]))
     if os.environ.get("QS_KILL_AT_STEP"):
         callbacks.append(KillAfterSave(int(os.environ["QS_KILL_AT_STEP"])))
     main({"pretrain": PRETRAIN_DEFAULTS, "sft": SFT_DEFAULTS}[stage], argv, callbacks)

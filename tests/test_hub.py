@@ -1,4 +1,4 @@
-"""Hub behaviour: Auto classes in a fresh process, pipeline, the root config.json and the strict builder."""
+"""Hub behaviour: Auto classes in a fresh process, pipeline, root config.json, strict builder, card metadata."""
 
 import json
 import subprocess
@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from conftest import ROOT, build_tiny, shape_image, user_turn
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, pipeline
@@ -138,3 +139,46 @@ def test_builder_fails_loudly_on_a_missing_vision_tensor(tiny_bases, tmp_path):
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"does not fit the architecture.*q_proj"):
         build_tiny((broken, text_dir), spread=False)
+
+
+# ----------------------------------------------------------------------------- the model card's metadata
+
+
+def card_header(tmp_path, tiny, start=None, bases=("google/siglip-base-patch16-224", "Qwen/Qwen2.5-0.5B-Instruct"),
+                dataset="lmms-lab/LLaVA-OneVision-Data", use_peft=False) -> dict:  # fmt: skip
+    """The YAML header write_model_card gives a run with these names (a 0.25-epoch, 2-step run)."""
+    from types import SimpleNamespace as NS
+
+    from model_card import write_model_card
+
+    state = NS(log_history=[{"step": 2, "loss": 1.5}], epoch=0.25, global_step=2)
+    args = NS(per_device_train_batch_size=2, gradient_accumulation_steps=2, hub_model_id=None, learning_rate=1e-3,
+              lr_scheduler_type="cosine", warmup_steps=0.03, max_length=256)  # fmt: skip
+    script_args = NS(vision_model=bases[0], text_model=bases[1], dataset_name=dataset, license="apache-2.0",
+                     train_modules=["projector"], projector_lr=None, merge_adapter=False)  # fmt: skip
+    model_args = NS(model_name_or_path=start, use_peft=use_peft)
+    card = write_model_card(str(tmp_path), state, args, script_args, model_args, tiny[0], processes=2).read_text()
+    assert "| global batch | 8 |" in card and "| epochs / steps | 0.25 / 2 |" in card
+    return yaml.safe_load(card.split("---")[1])
+
+
+def test_card_links_the_two_hub_bases_and_the_hub_dataset(tiny, tmp_path):
+    header = card_header(tmp_path, tiny)
+    assert header["base_model"] == ["google/siglip-base-patch16-224", "Qwen/Qwen2.5-0.5B-Instruct"]
+    assert header["base_model_relation"] == "finetune"  # two bases would otherwise read as a merge on the Hub
+    assert header["datasets"] == ["lmms-lab/LLaVA-OneVision-Data"]
+
+
+def test_card_links_the_starting_checkpoint_and_an_unmerged_lora_as_adapter(tiny, tmp_path):
+    header = card_header(tmp_path, tiny, start="someone/qwen-siglip-pretrain", use_peft=True)
+    assert header["base_model"] == ["someone/qwen-siglip-pretrain"] and header["base_model_relation"] == "adapter"
+
+
+def test_card_never_names_a_local_path(tiny, tiny_bases, shapes_data, tmp_path):
+    vision, text = map(str, tiny_bases)
+    header = card_header(tmp_path, tiny, bases=(vision, text), dataset=str(shapes_data["pretrain"]))
+    assert "base_model" not in header and "datasets" not in header
+    card = (tmp_path / "README.md").read_text()
+    assert str(tiny_bases[0].parent) not in card and str(shapes_data["pretrain"].parent) not in card
+    header = card_header(tmp_path, tiny, start="./stage1", dataset="../train")  # owner/name-shaped, yet local
+    assert "base_model" not in header and "datasets" not in header

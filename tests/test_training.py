@@ -1,7 +1,9 @@
-"""Training: assistant-only labels, safe truncation, both stages, LoRA, push, distributed ranks, resume, quickstart."""
+"""Training: labels, both stages, LoRA, push without secrets, launchers (torchrun, accelerate, two nodes, FSDP2),
+resume after a crash (half-written checkpoints too), quickstart."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,14 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CPU_RUN, ROOT, shape_image
+from conftest import CPU_RUN, ROOT, build_tiny, shape_image
 from safetensors.torch import load_file
 from transformers import TrainerCallback
+from trl import SFTConfig
 
 import training
 from collator import IGNORE_INDEX, VLMCollator
 
 RUNNER = str(ROOT / "tests" / "stage_runner.py")
+FAKE_TOKEN = "hf_FAKEtokenThatMustNeverBeWrittenAnywhere0123"
 
 
 def chat(*turns: str, system: str | None = None, images: int = 1) -> dict:
@@ -122,6 +126,17 @@ def test_accelerate_configs_name_a_distributed_setup(config):
     assert settings["mixed_precision"] == "bf16" and settings["num_processes"] > 1
 
 
+def test_slurm_recipe_is_bash_that_starts_a_resumable_run_per_node():
+    script = ROOT / "recipes" / "slurm" / "train_sft.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    assert '--nnodes "$SLURM_NNODES"' in text and '--node_rank "$SLURM_NODEID"' in text
+    assert "--resume_from_checkpoint true" in text and "#SBATCH --requeue" in text
+    recipe = text.split("train_sft.py --config ")[1].split()[0]
+    _, args, _ = training.parse_args(training.SFT_DEFAULTS, ["--config", str(ROOT / recipe), "--use_cpu", "true"])
+    assert args.resume_from_checkpoint is None  # the recipe itself starts afresh; the script adds `true`
+
+
 def test_unknown_train_module_is_refused(tiny_bases, shapes_data, tmp_path):
     with pytest.raises(ValueError, match="--train_modules: unknown"):
         pretrain(tiny_bases, shapes_data, tmp_path, "--train_modules", "projector", "decoder")
@@ -197,7 +212,8 @@ def test_stage1_output_is_exactly_what_goes_to_the_hub(stage1):
     header = yaml.safe_load(card.split("---")[1])
     assert header["library_name"] == "transformers" and header["pipeline_tag"] == "image-text-to-text"
     assert header["license"] == "apache-2.0" and "qwen-siglip" in header["tags"]
-    assert "| epochs / steps | 1 / 2 |" in card and "final training loss" in card and "loss.png" in card
+    # 32 captions at batch 4 are 8 steps an epoch: --max_steps 2 stopped after a quarter of the one configured
+    assert "| epochs / steps | 0.25 / 2 |" in card and "final training loss" in card and "loss.png" in card
     assert str(stage1.parent) not in card  # no path of the training machine in a public card
 
 
@@ -258,7 +274,63 @@ def test_push_to_hub_uploads_the_output_folder_once_at_the_end(stage1, shapes_da
     assert "# someone/tiny-vlm" in card and 'from_pretrained("someone/tiny-vlm"' in card
 
 
-# ----------------------------------------------------------------------------- processes: ranks, crashes
+def mock_hub(monkeypatch) -> list[dict]:
+    """HfApi without a network: create_repo does nothing, upload_folder records its arguments."""
+    import huggingface_hub
+
+    uploads = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: uploads.append(kw) or "url")
+    return uploads
+
+
+def files_the_push_uploads(upload: dict) -> dict[str, bytes]:
+    """What upload_folder(**upload) would send: huggingface_hub's own listing and filter, with its default ignores."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS
+
+    api = HfApi()
+    api._validate_yaml = lambda *args, **kwargs: None  # the card's YAML check is a request to the Hub
+    ignore = [*(upload.get("ignore_patterns") or []), *DEFAULT_IGNORE_PATTERNS]
+    ops = api._prepare_upload_folder_additions(
+        upload["folder_path"], "", allow_patterns=upload.get("allow_patterns"), ignore_patterns=ignore
+    )
+    return {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in ops}
+
+
+def test_nothing_pushed_holds_the_token_or_a_path_of_the_training_machine(
+    tiny_bases, shapes_data, tmp_path, tmp_path_factory, monkeypatch
+):
+    uploads = mock_hub(monkeypatch)
+    push = ["--push_to_hub", "true", "--hub_model_id", "someone/x", "--hub_token", FAKE_TOKEN]
+    out = pretrain(tiny_bases, shapes_data, tmp_path / "run", *push, "--report_to", "tensorboard",
+                   "--save_strategy", "steps", "--save_steps", "1")  # fmt: skip
+    (upload,) = uploads
+    pushed = files_the_push_uploads(upload)
+    assert {"model.safetensors", "config.json", "README.md", "loss.png", "modeling_qwen_siglip.py"} <= set(pushed)
+    assert not [f for f in pushed if f.startswith(("checkpoint-", "runs/")) or f == "training_args.bin"]
+    # Every byte, binaries included: the token, and any path of this machine (temp root, bases, output, home).
+    secrets = [FAKE_TOKEN, str(tmp_path_factory.getbasetemp()), str(tiny_bases[0]), str(out), str(Path.home())]
+    for name, data in pushed.items():
+        for secret in secrets:
+            assert secret.encode() not in data, f"{name} holds {secret}"
+    # The token is on no disk at all, pushed or not: checkpoints pickle their arguments (training_args.bin).
+    for path in out.rglob("*"):
+        assert not path.is_file() or FAKE_TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_eval_folder_is_pushed_only_when_asked(stage1, tmp_path, monkeypatch):
+    uploads = mock_hub(monkeypatch)
+    model = shutil.copytree(stage1, tmp_path / "model")
+    (model / "eval").mkdir()
+    (model / "eval" / "predictions.jsonl").write_text('{"reference": "a held-out answer"}\n')  # as evaluate.py
+    training.push_folder(model, "someone/x")
+    training.push_folder(model, "someone/x", push_eval=True)
+    by_default, asked = (files_the_push_uploads(u) for u in uploads)
+    assert not [f for f in by_default if f.startswith("eval/")] and "eval/predictions.jsonl" in asked
+
+
+# ----------------------------------------------------------------------------- launchers: processes, nodes, shards
 
 
 def run_stage(args: list[str], env: dict, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
@@ -272,36 +344,167 @@ def sft_args(stage1: Path, data, out: Path, *extra: str) -> list[str]:
             "--output_dir", str(out), *CPU_RUN, *extra]  # fmt: skip
 
 
+# Two processes, 2 examples each, a global batch of 8: 2 accumulation steps, whatever the launcher.
+TWO_RANKS = ["--per_device_train_batch_size", "2", "--global_batch_size", "8", "--ddp_backend", "gloo"]
+
+
+def assert_ranks_agree(folder: Path, ranks: int = 2) -> None:
+    """Every rank saw `ranks` processes, accumulated 2 steps, and ended with the same trainable weights."""
+    for rank in range(ranks):
+        seen = json.loads((folder / f"args{rank}.json").read_text())
+        assert seen["env_world_size"] == ranks and seen["gradient_accumulation_steps"] == 2, seen
+    dumps = [torch.load(folder / f"rank{rank}.pt") for rank in range(ranks)]
+    assert len(dumps[0]) > 0 and all(d.keys() == dumps[0].keys() for d in dumps)
+    for key in dumps[0]:
+        for other in dumps[1:]:
+            torch.testing.assert_close(dumps[0][key], other[key], rtol=0, atol=0)
+
+
+def dumps(folder: Path) -> dict:
+    return {"QS_DUMP_WEIGHTS": str(folder), "QS_DUMP_ARGS": str(folder)}
+
+
+def test_global_batch_counts_the_processes_the_launcher_started(tmp_path, monkeypatch):
+    """WORLD_SIZE (torchrun, accelerate launch) wins over TrainingArguments, which can read 1 under DeepSpeed."""
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=2, report_to="none")
+    assert args.world_size == 1  # this one process, as TrainingArguments sees it
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    training.set_accumulation(args, 8)
+    assert args.gradient_accumulation_steps == 2
+
+
 def test_two_cpu_ranks_end_with_identical_weights(stage1, shapes_data, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
-    args = sft_args(stage1, shapes_data, tmp_path / "ddp", "--max_steps", "3", "--per_device_train_batch_size", "2",
-                    "--global_batch_size", "4", "--ddp_backend", "gloo")  # fmt: skip
-    result = run_stage(args, {"QS_DUMP_WEIGHTS": str(tmp_path)}, launcher=torchrun)
+    args = sft_args(stage1, shapes_data, tmp_path / "ddp", "--max_steps", "2", *TWO_RANKS)
+    result = run_stage(args, dumps(tmp_path), launcher=torchrun)
     assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    assert rank0.keys() == rank1.keys() and len(rank0) > 0
-    for key in rank0:
-        torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)
+    assert_ranks_agree(tmp_path)
     assert changed(weights(stage1), weights(tmp_path / "ddp"), "model.language_model.")  # and they did train
 
 
-def test_resume_after_sigkill_gives_the_same_weights_as_an_unbroken_run(stage1, shapes_data, tmp_path):
-    steps = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"]
-    unbroken = run_stage(sft_args(stage1, shapes_data, tmp_path / "unbroken", *steps), {})
-    assert unbroken.returncode == 0, unbroken.stderr[-3000:]
+def test_accelerate_launch_with_two_cpu_processes_accumulates_for_both(stage1, shapes_data, tmp_path):
+    # `--multi_gpu` on a machine without a GPU starts real gloo ranks (`--cpu --num_processes 2` starts one).
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_port", "29534"]  # fmt: skip
+    args = sft_args(stage1, shapes_data, tmp_path / "acc", "--max_steps", "1", *TWO_RANKS)
+    result = run_stage(args, dumps(tmp_path), launcher=accelerate)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_ranks_agree(tmp_path)
 
-    crashed = run_stage(sft_args(stage1, shapes_data, tmp_path / "crashed", *steps), {"QS_KILL_AT_STEP": "2"})
-    assert crashed.returncode == -9  # SIGKILL, right after checkpoint-2 was written
-    crashed_dir = tmp_path / "crashed"
-    assert (crashed_dir / "checkpoint-2").is_dir() and not (crashed_dir / "model.safetensors").exists()
 
-    resume = ["--resume_from_checkpoint", str(tmp_path / "crashed" / "checkpoint-2")]
-    resumed = run_stage(sft_args(stage1, shapes_data, tmp_path / "crashed", *steps, *resume), {})
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = weights(tmp_path / "unbroken"), weights(tmp_path / "crashed")
+def test_two_nodes_rendezvous_on_loopback_and_end_with_identical_weights(stage1, shapes_data, tmp_path):
+    """Two torchrun launches as two one-process "nodes", as recipes/slurm runs one launch per node."""
+    args = sft_args(stage1, shapes_data, tmp_path / "nodes", "--max_steps", "1", *TWO_RANKS)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **dumps(tmp_path)}
+    nodes = []
+    for node_rank in (0, 1):
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                    "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", "29535"]  # fmt: skip
+        nodes.append(subprocess.Popen([*torchrun, RUNNER, *args], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+    results = [(node.communicate(timeout=600), node.returncode) for node in nodes]
+    for (_, stderr), returncode in results:
+        assert returncode == 0, stderr[-3000:]
+    assert_ranks_agree(tmp_path)
+
+
+def test_fsdp2_shards_our_model_on_cpu_and_saves_it_whole(tiny_bases, tmp_path):
+    """torch's fully_shard over gloo, as recipes/accelerate/fsdp.yaml lays it out: DTensor parameters, identical
+    ranks, the same weights as one process on the whole batch, and an exact save and reload."""
+    import fsdp2_runner
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29536"]
+    runner = str(ROOT / "tests" / "fsdp2_runner.py")
+    cmd = [*torchrun, runner, *map(str, tiny_bases), str(tmp_path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert all(rank0["is_dtensor"].values()) and len(rank0["is_dtensor"]) > 0
+    for name, value in rank0["full"].items():
+        torch.testing.assert_close(value, rank1["full"][name], rtol=0, atol=0)
+
+    # One process, the whole batch (each half holds the same answer tokens, so the mean losses agree).
+    model, processor = build_tiny(tiny_bases, spread=False)
+    missing, unexpected = model.load_state_dict(rank0["before"], strict=False)
+    assert missing == ["lm_head.weight"] and not unexpected  # tied to the embeddings: one parameter, listed once
+    training.freeze(model, ["projector", "language_model"])
+    model.train()
+    optimizer = fsdp2_runner.make_optimizer(model)
+    batch = fsdp2_runner.fixed_batch(processor, rank=0, world=1)
+    for _ in range(fsdp2_runner.STEPS):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    reference = dict(model.named_parameters())
+    for name, value in rank0["full"].items():
+        assert torch.allclose(value, reference[name].detach(), rtol=1e-4, atol=1e-5), name
+    assert changed(rank0["before"], rank0["full"], "model.multi_modal_projector.")
+    assert not changed(rank0["before"], rank0["full"], "model.vision_tower.")
+
+    reloaded = dict(type(model).from_pretrained(tmp_path / "model").named_parameters())
+    assert reloaded.keys() == rank0["full"].keys()
+    for name, value in rank0["full"].items():
+        assert torch.equal(reloaded[name], value), name
+
+
+# ----------------------------------------------------------------------------- resume after a crash
+
+
+@pytest.fixture(scope="module")
+def unbroken(stage1, shapes_data, tmp_path_factory) -> Path:
+    """Four steps with checkpoints at 2 and 4, never interrupted: what every resumed run must end with."""
+    out = tmp_path_factory.mktemp("unbroken")
+    result = run_stage(sft_args(stage1, shapes_data, out, *RESUMABLE), {})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+RESUMABLE = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    a, b = weights(a), weights(b)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key])
+
+
+def test_resume_after_sigkill_gives_the_same_weights_as_an_unbroken_run(stage1, shapes_data, unbroken, tmp_path):
+    crashed = run_stage(sft_args(stage1, shapes_data, tmp_path, *RESUMABLE), {"QS_KILL_AT_STEP": "2"})
+    assert crashed.returncode == -9  # SIGKILL, right after checkpoint-2 was written
+    assert (tmp_path / "checkpoint-2").is_dir() and not (tmp_path / "model.safetensors").exists()
+
+    resume = ["--resume_from_checkpoint", str(tmp_path / "checkpoint-2")]
+    resumed = run_stage(sft_args(stage1, shapes_data, tmp_path, *RESUMABLE, *resume), {})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(unbroken, tmp_path)
+
+
+def test_resume_true_skips_a_checkpoint_killed_mid_save(stage1, shapes_data, unbroken, tmp_path):
+    crashed = run_stage(sft_args(stage1, shapes_data, tmp_path, *RESUMABLE), {"QS_KILL_IN_SAVE": "4"})
+    assert crashed.returncode == -9
+    half = tmp_path / "checkpoint-4"
+    assert (half / "model.safetensors").exists() and not (half / "trainer_state.json").exists()
+
+    # Named explicitly, the half-written one is refused before anything loads, pointing at the complete one.
+    with pytest.raises(ValueError, match=r"checkpoint-4 is incomplete.*newest complete one is .*checkpoint-2"):
+        sft(stage1, shapes_data, tmp_path, *RESUMABLE, "--resume_from_checkpoint", str(half))
+
+    resumed = run_stage(sft_args(stage1, shapes_data, tmp_path, *RESUMABLE, "--resume_from_checkpoint", "true"), {})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "skipping checkpoint-4: incomplete" in resumed.stderr
+    assert_same_weights(unbroken, tmp_path)
+
+
+def test_resume_true_without_a_complete_checkpoint_starts_afresh_and_a_missing_path_is_refused(tmp_path):
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3, "log_hi')  # cut by a kill
+    assert training.resolve_resume("true", str(tmp_path)) is None
+    assert training.resolve_resume("true", str(tmp_path / "not-yet-created")) is None  # first run of a job
+    with pytest.raises(ValueError, match="does not exist; there is no complete checkpoint in"):
+        training.resolve_resume(str(tmp_path / "checkpoint-9"), str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- the embedded default

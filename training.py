@@ -223,16 +223,17 @@ def main(stage_defaults: dict, argv: list[str] | None = None, callbacks: list | 
         script_args.dataset_name, split=script_args.dataset_train_split, limit=script_args.max_samples, **load
     )
     evals = load_vlm_dataset(script_args.eval_dataset_name, **load) if script_args.eval_dataset_name else None
-    # SFTTrainer takes `datasets` objects only; to_hf() wraps ours without decoding anything up front.
-    train, evals = train.to_hf(), evals.to_hf() if evals is not None else None
+    collator = VLMCollator(processor, max_length=training_args.max_length)
+    collator.strict = script_args.strict
 
     trainer = QwenSiglipTrainer(
         model=model,
         args=training_args,
-        train_dataset=train,
-        eval_dataset=evals,
+        # SFTTrainer takes `datasets` objects only; to_hf() wraps ours without decoding anything up front.
+        train_dataset=train.to_hf(),
+        eval_dataset=evals.to_hf() if evals is not None else None,
         processing_class=processor,
-        data_collator=VLMCollator(processor, max_length=training_args.max_length),
+        data_collator=collator,
         peft_config=peft_config(model_args, script_args.train_modules) if model_args.use_peft else None,
         callbacks=[ProgressLog(), *(callbacks or [])],
         projector_lr=script_args.projector_lr,
@@ -240,6 +241,10 @@ def main(stage_defaults: dict, argv: list[str] | None = None, callbacks: list | 
     )
     logger.info(f"trainable parameters: {sum(p.numel() for p in trainer.model.parameters() if p.requires_grad):,}")
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or None)
+    # Pitfall: with dataloader_num_workers > 0, decode and collate run in worker processes and count there.
+    workers = " (this process only: workers count their own)" if training_args.dataloader_num_workers else ""
+    logger.info(f"data: skipped at load {dict(train.skipped)}, at decode {dict(train.late_skipped)}, "
+                f"at collate {dict(collator.skipped)}{workers}")  # fmt: skip
     out = save(trainer, processor, script_args.merge_adapter and model_args.use_peft)
     if push and trainer.is_world_process_zero():
         push_folder(out, training_args.hub_model_id, private=training_args.hub_private_repo)

@@ -289,7 +289,7 @@ def open_header(src: Any, *, max_pixels: int = MAX_PIXELS, name: str | None = No
         detail = f"over PIL's decompression-bomb limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS)"
         raise ImageRefused(reason, f"{name} claims {width}x{height} = {pixels:,} pixels, {detail}")
     if reason == "too_many_pixels":  # a plain large photo, not an attack: say how to accept it
-        detail = f"over the cap of {max_pixels:,}; raise max_pixels to accept it"
+        detail = f"over the cap of {max_pixels:,}; raise max_pixels (training: --max_pixels) to accept it"
         raise ImageRefused(reason, f"{name} is {width}x{height} = {pixels:,} pixels, {detail}")
     return im, name, owned
 
@@ -386,7 +386,7 @@ def _resolve(rel: str, root: Path | None, field: str) -> Path:
         raise BadRecord("missing_image", field, f"{shown} given but no image_root")
     try:
         path = (root / rel).resolve()  # absolute `rel` replaces root; resolve() follows symlinks: all escapes show
-    except (OSError, ValueError) as e:  # a NUL byte (ValueError "embedded null byte"), a symlink loop
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte ("embedded null byte"), a symlink loop (<3.13)
         detail = "the path holds a NUL byte" if "\0" in rel else f"unusable path ({_why(e)})"
         raise BadRecord("bad_path", field, f"{shown}: {detail}") from None
     if not path.is_relative_to(root):

@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
 from collator import VLMCollator
-from data import load_vlm_dataset
+from data import MAX_PIXELS, load_vlm_dataset
 from modeling_qwen_siglip import QwenSiglipForConditionalGeneration
 from processing_qwen_siglip import QwenSiglipProcessor
 
@@ -84,6 +84,7 @@ class ScriptArguments:
     dataset_streaming: bool = field(default=False, metadata={"help": "Stream a Hub dataset (needs --max_steps)."})
     strict: bool = field(default=False, metadata={"help": "Stop at the first bad record instead of skipping it."})
     max_samples: int | None = field(default=None, metadata={"help": "Use only the first N records."})
+    max_pixels: int = field(default=MAX_PIXELS, metadata={"help": "Skip images with more pixels (from the header)."})
     vision_model: str = field(default="google/siglip-base-patch16-224", metadata={"help": "Stage 1 vision base."})
     text_model: str = field(default="Qwen/Qwen2.5-0.5B-Instruct", metadata={"help": "Stage 1 language base."})
     pixel_shuffle_factor: int = field(default=1, metadata={"help": "Stage 1: 2 merges 2x2 patches (4x fewer)."})
@@ -218,7 +219,8 @@ def main(stage_defaults: dict, argv: list[str] | None = None, callbacks: list | 
 
     model, processor = build_model(script_args, model_args)
     freeze(model, script_args.train_modules)
-    load = dict(image_root=script_args.image_root, streaming=script_args.dataset_streaming, strict=script_args.strict)
+    load = dict(image_root=script_args.image_root, streaming=script_args.dataset_streaming, strict=script_args.strict,
+                max_pixels=script_args.max_pixels)  # fmt: skip
     train = load_vlm_dataset(
         script_args.dataset_name, split=script_args.dataset_train_split, limit=script_args.max_samples, **load
     )

@@ -506,6 +506,8 @@ def test_path_errors_are_counted_skips_with_honest_reasons(tmp_path, caplog):
     make_image(tmp_path / "ok.png")
     (tmp_path / "folder.png").mkdir()
     os.mkfifo(tmp_path / "pipe.png")  # opening it would block forever: it must never be opened
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop2.png")
+    (tmp_path / "loop2.png").symlink_to(tmp_path / "loop.png")
     records = [
         llava(image="a\0b.png"),  # 0 bad_path: ValueError "embedded null byte" from the OS layer
         llava(image="x" * 300 + ".png"),  # 1 bad_path: OSError "File name too long"
@@ -514,11 +516,12 @@ def test_path_errors_are_counted_skips_with_honest_reasons(tmp_path, caplog):
         llava(image="https://example.com/cat.jpg"),  # 4 image_url
         llava(image="nope.png"),  # 5 missing_image
         llava(image="ok.png"),  # 6 good
+        llava(image="loop.png"),  # 7 bad_path: a symlink loop (RuntimeError from resolve() before Python 3.13)
     ]
     path = str(write_json(tmp_path / "d.json", records))
     with caplog.at_level(logging.WARNING, logger="data"):
         ds = load_vlm_dataset(path)
-    assert len(ds) == 1 and ds.skipped == Counter(bad_path=2, not_a_file=2, image_url=1, missing_image=1)
+    assert len(ds) == 1 and ds.skipped == Counter(bad_path=3, not_a_file=2, image_url=1, missing_image=1)
     assert "record 2: field 'image': file 'folder.png' is a folder" in caplog.text
     assert "record 3: field 'image': file 'pipe.png' is not a regular file" in caplog.text
     assert "record 4: field 'image': file 'https://example.com/cat.jpg' is a URL: training does not download" in (
@@ -719,9 +722,9 @@ def test_truncated_jpeg_run_with_batch_1_finishes_and_reports_the_skip(tiny_base
     path = str(write_json(tmp_path / "d.json", records))
     vision, text = map(str, tiny_bases)
     argv = ["--vision_model", vision, "--text_model", text, "--dataset_name", path, *CPU_RUN, "--max_steps", "3"]
-    argv += ["--per_device_train_batch_size", "1", "--global_batch_size", "1", "--output_dir", str(tmp_path / "out")]
+    argv += ["--per_device_train_batch_size", "1", "--global_batch_size", "1", "--max_pixels", "4096"]
     with caplog.at_level(logging.INFO):
-        training.main(training.PRETRAIN_DEFAULTS, argv + ["--seed", "1"])
+        training.main(training.PRETRAIN_DEFAULTS, argv + ["--seed", "1", "--output_dir", str(tmp_path / "out")])
     totals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: skipped at load")]
     assert totals == ["data: skipped at load {}, at decode {'undecodable_image': 1}, at collate {}"]
     msg = r"d\.json record 1: field 'image': file 'cut\.jpg': cannot decode its pixels .*\[undecodable_image\]"

@@ -8,7 +8,8 @@ Notable:
   the tokenizer merges around them.
 - Truncation never cuts through an image: an over-long sample loses only text after its last image; if even that
   is not enough, or nothing trainable is left, the sample is skipped and counted.
-- `None` examples (images that failed to decode in the dataset) are dropped and counted too.
+- `None` examples (images that failed to decode in the dataset) are dropped and counted too. A batch whose examples
+  all fail is replaced by the last good example (counted as `batch_replaced`), so a non-strict run never dies on data.
 """
 
 import logging
@@ -34,19 +35,31 @@ class VLMCollator:
         self.vision_end = tok.convert_tokens_to_ids("<|vision_end|>")
         self.skipped: Counter = Counter()
 
+    strict = False  # training.main sets it from --strict: an all-bad batch raises instead of being replaced
+    spare: tuple | None = None  # the last good row, to stand in for a later batch whose examples all fail
+
     def __call__(self, examples: list[dict | None]) -> dict[str, torch.Tensor]:
-        rows, pixels = [], []
-        for example in examples:
-            row = self.encode(example)
-            if row is not None:
-                rows.append(row[:2])
-                pixels.extend(row[2])
+        rows = [row for row in map(self.encode, examples) if row is not None]
         if not rows:
-            raise ValueError(f"Every example of this batch was skipped ({dict(self.skipped)}); see the warnings above")
-        batch = self.pad(rows)
+            rows = self._replacement_rows()
+        else:
+            self.spare = rows[0]
+        batch = self.pad([row[:2] for row in rows])
+        pixels = [p for row in rows for p in row[2]]
         if pixels:
             batch["pixel_values"] = torch.stack(pixels)  # (n_images, 3, H, W), in order of appearance
         return batch
+
+    def _replacement_rows(self) -> list[tuple]:
+        """Every example failed. Non-strict: train on the last good example again (counted) rather than die
+        mid-run; an empty batch would break the Trainer and an all -100 batch would divide the loss by zero."""
+        if self.strict or self.spare is None:  # strict, or the very first batch: nothing to stand in
+            raise ValueError(f"Every example of this batch was skipped ({dict(self.skipped)}); see the warnings above")
+        self.skipped["batch_replaced"] += 1
+        logger.warning(
+            f"Every example of a batch failed; trained on the last good example instead ({dict(self.skipped)})"
+        )
+        return [self.spare]
 
     def encode(self, example: dict | None) -> tuple[list[int], list[int], list[torch.Tensor]] | None:
         """Token ids, labels and pixel values of one example, truncated safely; None (counted) if unusable."""

@@ -15,19 +15,29 @@ An image is a path (relative to image_root, default the data file's folder), HF'
 
 Notable:
 - Records are checked at load time (roles, empty turns, <image> count vs images, image header) and bad ones are
-  skipped, counted by reason and reported in ONE warning; strict=True raises on the first one instead.
-- Images are decoded lazily, per example, and made RGB with care: alpha on white, 16-bit rescaled, not clipped.
-- Image paths are confined to image_root (symlinks resolved); huge images are refused from their header alone.
-- A decode that still fails in __getitem__ (truncated file) returns None (all-None fields through to_hf()): THE
-  COLLATOR MUST DROP THEM (VLMCollator does, counting them). With DataLoader workers such failures are counted in
-  the worker, not in `ds.skipped`.
+  skipped, counted by reason and reported in ONE warning; strict=True raises on the first one instead. Every
+  message names the file, the record index, the record's own field (`images[1]`, `image`, `image_id`) and the reason;
+  it never echoes a base64 string or bytes whole (`shorten`). A file that is not JSON or not UTF-8 is an error
+  naming the file and line; one bad .jsonl line is a counted skip naming its line.
+- ONE image opener, `load_rgb`, for data, evaluation, the app and pipeline inputs we prepare: fully decoded RGB,
+  upright (EXIF orientation applied, then dropped), alpha on white, 16-bit rescaled, not clipped.
+- Image paths are confined to image_root (symlinks resolved) and stat-ed, never opened, before use: a folder, FIFO or
+  device is `not_a_file`, a URL `image_url`, a NUL byte or over-long name `bad_path`. Too many pixels are refused
+  from the header alone: `too_many_pixels` over max_pixels, `decompression_bomb` only over PIL's own limit.
+- Images are decoded lazily, per example. A decode that still fails (a truncated file whose header is whole) makes
+  `ds[i]` None, counted in `late_skipped`; in training (`to_hf()`) the next good example stands in, so batches are
+  never empty and a non-strict run never dies on data. Strict raises at that record. With DataLoader workers these
+  late failures are counted in each worker's copy, not in the main process's `late_skipped`.
 - Pitfall: TRL 1.16's SFTTrainer rejects anything that is not a `datasets` object, so pass `ds.to_hf()` to it.
 """
 
+import errno
 import io
 import json
 import logging
+import os
 import re
+import stat
 import warnings
 from array import array
 from collections import Counter
@@ -47,6 +57,7 @@ IMAGE = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
 MAX_PIXELS = 64_000_000  # refused from the header; PIL's own bomb limit (Image.MAX_IMAGE_PIXELS) applies as well
+REPLACE_TRIES = 16  # training replaces an undecodable example by the next of up to this many
 CAPTION_PROMPTS = {
     "en": ["Describe this image.", "What is in this picture?", "Write a short caption for this image."],
     "zh": ["描述这张图片。", "这张图片里有什么？", "请用一句话描述这张图片。"],
@@ -54,12 +65,19 @@ CAPTION_PROMPTS = {
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
 
-class BadRecord(ValueError):
-    """A record we refuse to train on; `reason` is the key it is counted under."""
+class ImageRefused(ValueError):
+    """An image we will not use. `reason` is the key it is counted under; str(self) is a message for people."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class BadRecord(ImageRefused):
+    """A record we refuse to train on: a refusal that also names the record's field."""
 
     def __init__(self, reason: str, field: str, detail: str):
-        super().__init__(f"field '{field}': {detail}")
-        self.reason = reason
+        super().__init__(reason, f"field '{field}': {detail}")
 
 
 # ----------------------------------------------------------------------------- records -> messages
@@ -144,12 +162,18 @@ def _vqa_turns(rec: dict) -> list[dict]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
 
 
-def normalize(rec: Any, index: int) -> tuple[list[dict], list, str]:
-    """One raw record -> (messages, image references, name of the image field). Raises BadRecord."""
+def normalize(rec: Any, index: int) -> tuple[list[dict], list, list[str]]:
+    """One raw record -> (messages, image references, the field each reference came from). Raises BadRecord."""
+    if isinstance(rec, _BadLine):
+        raise BadRecord("malformed_record", "record", f"line {rec.line} is not valid JSON ({rec.error})")
     if not isinstance(rec, dict):
-        raise BadRecord("malformed_record", "record", f"not a JSON object: {str(rec)[:60]!r}")
-    field = next((k for k in ("images", "image", "image_id") if rec.get(k) is not None), "image")
+        raise BadRecord("malformed_record", "record", f"not a JSON object: {shorten(str(rec))}")
+    # messages must name the record's own key: `images` in TRL's format, `image` in LLaVA's, `image_id` in captions
+    default = "images" if "messages" in rec else "image"
+    field = next((k for k in ("images", "image", "image_id") if rec.get(k) is not None), default)
     refs = _image_refs(rec.get(field))
+    indexed = isinstance(rec.get(field), (list, tuple)) or len(refs) > 1  # `images[1]`; a comma string too
+    fields = [f"{field}[{k}]" if indexed else field for k in range(len(refs))]
     if "messages" in rec or "conversations" in rec:
         key = "messages" if "messages" in rec else "conversations"
         if not isinstance(rec[key], list):
@@ -163,7 +187,7 @@ def normalize(rec: Any, index: int) -> tuple[list[dict], list, str]:
         detail = f"no conversations/messages/caption/question in keys {sorted(rec)}"
         raise BadRecord("malformed_record", "record", detail)
     _check_turns(messages, refs, key, field)
-    return messages, refs, field
+    return messages, refs, fields
 
 
 def _check_turns(messages: list[dict], refs: list, key: str, field: str) -> None:
@@ -187,46 +211,147 @@ def _check_turns(messages: list[dict], refs: list, key: str, field: str) -> None
 
 # ----------------------------------------------------------------------------- images
 
+ORIENTATION = 0x0112  # EXIF tag: how the camera was held; cameras store pixels unrotated
+TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_QUIET_BOMB_WARNING = ("ignore", None, Image.DecompressionBombWarning, None, 0)
 
-def _open(ref: Any, root: Path | None, field: str, max_pixels: int) -> Image.Image:
-    """Open an image lazily (header only) from inside `root`; refuse bombs before any pixel is decoded."""
-    if isinstance(ref, Image.Image):
-        src = ref
-    elif isinstance(ref, dict) and ref.get("bytes"):  # HF Image feature storage
-        src = io.BytesIO(ref["bytes"])
-    elif isinstance(ref, (bytes, bytearray)):
-        src = io.BytesIO(ref)
-    else:
-        src = _resolve(ref.get("path") if isinstance(ref, dict) else ref, root, field)
+
+def shorten(value: Any, n: int = 60) -> str:
+    """A value fit for a message: bytes as <N bytes>, long text cut, never an object's repr like <_io.BytesIO ...>."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, (str, Path)):
+        text = str(value)
+        return repr(text if len(text) <= n else f"{text[:n]}… ({len(text)} characters)")
+    return f"<a {type(value).__name__}>"
+
+
+def load_rgb(src: Any, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Any image source we accept -> a new, fully decoded RGB image, upright (EXIF orientation applied).
+
+    `src`: a path (str or Path), bytes, a binary file object, HF's {"bytes", "path"} dict or a PIL image. Alpha is
+    composited on white and 16-bit grey rescaled (`to_rgb`). Too many pixels are refused from the header alone,
+    before anything is decoded. Raises ImageRefused; its message names the file by its name only (no folders), bytes
+    by their count, and never holds an object's repr.
+    """
+    return _decode_opened(*open_header(src, max_pixels=max_pixels))
+
+
+def _decode_opened(im: Image.Image, name: str, owned: bool) -> Image.Image:
+    """The second half of load_rgb: decode, make RGB, turn upright; close the file if we opened it."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns below 2x its limit
-            im = src.copy() if isinstance(src, Image.Image) else Image.open(src)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadRecord("decompression_bomb", field, str(e)) from None
-    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
-        raise BadRecord("undecodable_image", field, f"cannot open image: {e}") from None
-    if im.width * im.height > max_pixels:
+        im.load()
+        orientation = im.getexif().get(ORIENTATION)
+        rgb = to_rgb(im)
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # a whole header over cut or corrupt pixel data
+        raise ImageRefused("undecodable_image", f"{name}: cannot decode its pixels ({_why(e)})") from None
+    finally:
+        if owned:
+            im.close()
+    if orientation in TRANSPOSE:
+        rgb = rgb.transpose(TRANSPOSE[orientation])
+    # Pitfall: the EXIF (or XMP) that says "rotate" would be applied a second time by whoever reads it next, e.g.
+    # transformers' load_image in pipelines. The pixels are upright now: keep no metadata at all.
+    rgb.info.clear()
+    return rgb
+
+
+def open_header(src: Any, *, max_pixels: int = MAX_PIXELS, name: str | None = None) -> tuple[Image.Image, str, bool]:
+    """Open lazily (header only) and refuse too many pixels -> (image, name for messages, whether we own it)."""
+    _quiet_pil_bomb_warning()
+    if isinstance(src, Image.Image):
+        im, owned, name = src, False, name or "the image"
+    else:
+        fp, shown, owned = _image_file(src)
+        name = name or shown
+        try:
+            im = Image.open(fp)
+        except Image.DecompressionBombError:  # over twice PIL's limit: it refuses to even report the size
+            detail = f"claims over {2 * Image.MAX_IMAGE_PIXELS:,} pixels: a decompression bomb"
+            raise ImageRefused("decompression_bomb", f"{name} {detail}") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as e:  # UnidentifiedImageError is an OSError
+            raise ImageRefused("undecodable_image", f"{name} cannot be opened as an image ({_why(e)})") from None
+    width, height = im.size
+    pixels = width * height
+    limit = Image.MAX_IMAGE_PIXELS
+    reason = "decompression_bomb" if limit and pixels > limit else "too_many_pixels" if pixels > max_pixels else None
+    if reason and owned:
         im.close()
-        raise BadRecord("decompression_bomb", field, f"{im.width}x{im.height} is over {max_pixels} pixels")
-    return im
+    if reason == "decompression_bomb":
+        detail = f"over PIL's decompression-bomb limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS)"
+        raise ImageRefused(reason, f"{name} claims {width}x{height} = {pixels:,} pixels, {detail}")
+    if reason == "too_many_pixels":  # a plain large photo, not an attack: say how to accept it
+        detail = f"over the cap of {max_pixels:,}; raise max_pixels (training: --max_pixels) to accept it"
+        raise ImageRefused(reason, f"{name} is {width}x{height} = {pixels:,} pixels, {detail}")
+    return im, name, owned
 
 
-def _resolve(rel: Any, root: Path | None, field: str) -> Path:
-    if not isinstance(rel, str) or not rel:
-        raise BadRecord("malformed_record", field, f"unusable image reference {str(rel)[:60]!r}")
-    if root is None:
-        raise BadRecord("missing_image", field, f"file '{rel}' given but no image_root")
-    path = (root / rel).resolve()  # absolute `rel` replaces root; resolve() follows symlinks, so all escapes show
-    if not path.is_relative_to(root):
-        raise BadRecord("image_outside_root", field, f"file '{rel}' is outside the image root")
-    if not path.is_file():
-        raise BadRecord("missing_image", field, f"file '{rel}' not found under image root")
+def _quiet_pil_bomb_warning() -> None:
+    """Silence PIL's DecompressionBombWarning, once: open_header makes the same check and refuses, counted.
+
+    Pitfall: a `warnings.catch_warnings()` block per image would reset Python's show-once registry on every exit,
+    so every show-once warning of the process would print once per image. Adding the filter only when it is
+    missing mutates the filter list once. It applies process-wide; PIL's error above twice its limit stays.
+    """
+    if _QUIET_BOMB_WARNING not in warnings.filters:
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def _image_file(src: Any) -> tuple[Any, str, bool]:
+    """An image source -> (what Image.open takes, how messages name it, whether closing it is ours to do)."""
+    if isinstance(src, dict):  # HF Image feature storage: inline bytes win over the path
+        src = src.get("bytes") or src.get("path")
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return io.BytesIO(src), f"image of {shorten(src)}", True
+    if isinstance(src, (str, os.PathLike)):
+        text = os.fspath(src)
+        if isinstance(text, str) and text.startswith(("http://", "https://")):
+            raise ImageRefused("image_url", f"image {shorten(text)} is a URL; only local files are opened")
+        shown = f"image {shorten(Path(text).name)}"  # the name only: no folders of this machine in messages
+        return check_file(Path(text), shown), shown, True
+    if hasattr(src, "read"):  # a binary file object, e.g. an upload. Pitfall: PIL's close() would close it too
+        return src, f"image {shorten(Path(str(getattr(src, 'name', 'upload'))).name)}", False
+    expected = "a path, bytes, a file object, {'bytes', 'path'} or a PIL image"
+    raise ImageRefused("malformed_record", f"unusable image reference {shorten(src)}: expected {expected}")
+
+
+def check_file(path: Path, shown: str) -> Path:
+    """`path` if it is a regular file; otherwise ImageRefused saying honestly what it is. Never opens it (a FIFO
+    would block forever)."""
+    try:
+        mode = path.stat().st_mode  # follows symlinks: the target is what we would read
+    except ValueError:  # "embedded null byte"
+        raise ImageRefused("bad_path", f"{shown}: the path holds a NUL byte") from None
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise ImageRefused("missing_image", f"{shown} not found") from None
+        raise ImageRefused("bad_path", f"{shown}: unusable path ({e.strerror})") from None  # too long, no access
+    if stat.S_ISDIR(mode):
+        raise ImageRefused("not_a_file", f"{shown} is a folder, not an image file")
+    if not stat.S_ISREG(mode):
+        raise ImageRefused("not_a_file", f"{shown} is not a regular file (a FIFO, socket or device); not read")
     return path
 
 
+def _why(err: BaseException) -> str:
+    """An exception's text without object reprs or file paths (PIL writes both into its messages)."""
+    if isinstance(err, Image.UnidentifiedImageError):
+        return "not an image format PIL can read"
+    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<file>", str(err))
+    text = re.sub(r"'/[^']*'", "<path>", text)
+    return shorten(text, 120).strip("'\"")
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> a new RGB image (so the source file can be closed)."""
+    """Any PIL mode -> a new RGB image (so the source file can be closed). Orientation: see load_rgb."""
     if im.mode.startswith("I"):  # 16/32-bit grey: convert("L") would clip everything above 255 to white
         full = 65535 if im.mode.startswith("I;16") else None
         im = im.convert("I")
@@ -238,6 +363,59 @@ def to_rgb(im: Image.Image) -> Image.Image:
         im = im.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
     return im.convert("RGB")  # P, L, 1, CMYK, YCbCr, RGB
+
+
+def _image_src(ref: Any, root: Path | None, field: str) -> tuple[Any, str]:
+    """A record's image reference -> (what load_rgb/open_header take, how messages name it). Raises BadRecord."""
+    if isinstance(ref, dict) and not ref.get("bytes"):  # HF's {"bytes": None, "path": ...}: a file after all
+        ref = ref.get("path")
+    if isinstance(ref, (str, os.PathLike)):
+        return _resolve(os.fspath(ref), root, field), f"file {shorten(os.fspath(ref))}"
+    if isinstance(ref, (bytes, bytearray, dict, Image.Image)):
+        return ref, f"image of {shorten(ref.get('bytes') if isinstance(ref, dict) else ref)}"
+    raise BadRecord("malformed_record", field, f"unusable image reference {shorten(ref)}")
+
+
+def _resolve(rel: str, root: Path | None, field: str) -> Path:
+    """`rel` under `root`, checked: confined to root (symlinks resolved), a regular file. Raises BadRecord."""
+    shown = f"file {shorten(rel)}"
+    if rel.startswith(("http://", "https://")):
+        raise BadRecord("image_url", field, f"{shown} is a URL: training does not download images (fetch them "
+                        "first and give paths under image_root)")  # fmt: skip
+    if root is None:
+        raise BadRecord("missing_image", field, f"{shown} given but no image_root")
+    try:
+        path = (root / rel).resolve()  # absolute `rel` replaces root; resolve() follows symlinks: all escapes show
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte ("embedded null byte"), a symlink loop (<3.13)
+        detail = "the path holds a NUL byte" if "\0" in rel else f"unusable path ({_why(e)})"
+        raise BadRecord("bad_path", field, f"{shown}: {detail}") from None
+    if not path.is_relative_to(root):
+        raise BadRecord("image_outside_root", field, f"{shown} is outside the image root")
+    try:
+        return check_file(path, shown)
+    except ImageRefused as e:
+        where = " under image root" if e.reason == "missing_image" else ""
+        raise BadRecord(e.reason, field, f"{e}{where}") from None
+
+
+def _probe(ref: Any, root: Path | None, field: str, max_pixels: int) -> None:
+    """Load-time check, cheap: the file is there and its header is an image of acceptable size."""
+    src, shown = _image_src(ref, root, field)
+    try:
+        im, _, owned = open_header(src, max_pixels=max_pixels, name=shown)
+    except ImageRefused as e:
+        raise BadRecord(e.reason, field, str(e)) from None
+    if owned:
+        im.close()
+
+
+def _decode(ref: Any, root: Path | None, field: str, max_pixels: int) -> Image.Image:
+    """Per-example decode through the one image opener, load_rgb. Raises BadRecord."""
+    src, shown = _image_src(ref, root, field)
+    try:
+        return _decode_opened(*open_header(src, max_pixels=max_pixels, name=shown))
+    except ImageRefused as e:
+        raise BadRecord(e.reason, field, str(e)) from None
 
 
 # ----------------------------------------------------------------------------- sources
@@ -264,21 +442,44 @@ class Source:
     root: Path | None  # image root, resolved
 
 
-def _json_line(line: str) -> Any:
+@dataclass
+class _BadLine:
+    """A .jsonl line that is not JSON: counted as malformed_record (with its line number), not fatal to the file."""
+
+    line: int
+    error: str
+
+
+def _json_line(text: str, line: int) -> Any:
     try:
-        return json.loads(line)
-    except json.JSONDecodeError:
-        return line  # counted as malformed_record instead of failing the whole file
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        return _BadLine(line, f"{e.msg} at column {e.colno}")
+
+
+def _utf8(raw: bytes, path: Path, first_line: int = 1) -> str:
+    """Decode or say where: a bare UnicodeDecodeError names neither the file nor the line."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + raw[: e.start].count(b"\n")
+        detail = f"byte {raw[e.start]:#04x} at line {line} is not UTF-8"
+        raise ValueError(f"data file {path}: {detail}; save the file as UTF-8") from None
 
 
 def read_file(path: Path) -> list | _RawRows:
     """Local files are read whole even with streaming=True (text only; images stay lazy)."""
     if path.suffix == ".parquet":
         return _RawRows(datasets.Dataset.from_parquet(str(path)))
-    with open(path, encoding="utf-8") as f:
-        if path.suffix == ".jsonl":
-            return [_json_line(line) for line in f if line.strip()]
-        data = json.load(f)
+    with open(path, "rb") as f:
+        if path.suffix == ".jsonl":  # split on b"\n" only: JSON strings may hold U+2028, which splitlines() cuts at
+            lines = ((n, _utf8(raw, path, n).removeprefix("\ufeff")) for n, raw in enumerate(f, 1))
+            return [_json_line(text, n) for n, text in lines if text.strip()]
+        text = _utf8(f.read(), path).removeprefix("\ufeff")  # a BOM (Windows editors) is not JSON
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"data file {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     return data if isinstance(data, list) else [data]
 
 
@@ -325,7 +526,8 @@ class _Records:
         self.recipe = (source, image_root, split, self.streaming)
         self.sources = find_sources(*self.recipe)
         self.strict, self.limit, self.max_pixels = strict, limit, max_pixels
-        self.skipped: Counter[str] = Counter()  # reason -> number of records skipped
+        self.skipped: Counter[str] = Counter()  # reason -> number of records skipped at load time
+        self.late_skipped: Counter[str] = Counter()  # the same, for images that failed to decode later, per example
         self.offenders: list[str] = []  # the first few, as "file record i: field ...: detail"
 
     def __getstate__(self) -> dict:
@@ -353,22 +555,25 @@ class _Records:
     def _check(self, source: Source, index: int, rec: Any) -> tuple | None:
         """Load-time check, cheap: normalise and open each image's header. None if the record is bad."""
         try:
-            messages, refs, field = normalize(rec, index)
-            for k, ref in enumerate(refs):
-                _open(ref, source.root, field if len(refs) == 1 else f"{field}[{k}]", self.max_pixels).close()
-            return messages, refs, field
+            messages, refs, fields = normalize(rec, index)
+            for ref, field in zip(refs, fields):
+                _probe(ref, source.root, field, self.max_pixels)
+            return messages, refs, fields
         except BadRecord as err:
             self._bad(source, index, err)
 
-    def _example(self, source: Source, index: int, messages: list, refs: list, field: str) -> dict | None:
+    def _example(self, source: Source, index: int, messages: list, refs: list, fields: list) -> dict | None:
+        """Decode the images (None, counted in `late_skipped`, if one fails: a whole header over cut pixel data)."""
         try:
-            images = []
-            for k, ref in enumerate(refs):
-                with _open(ref, source.root, field if len(refs) == 1 else f"{field}[{k}]", self.max_pixels) as im:
-                    images.append(to_rgb(im))
-        except (OSError, SyntaxError, ValueError) as e:  # a header that opened but pixels that do not
-            err = e if isinstance(e, BadRecord) else BadRecord("undecodable_image", field, f"cannot decode: {e}")
-            self._bad(source, index, err)
+            images = [_decode(ref, source.root, field, self.max_pixels) for ref, field in zip(refs, fields)]
+        except BadRecord as err:
+            msg = f"{source.name} record {index}: {err} [{err.reason}]"
+            if self.strict:
+                raise ValueError(msg) from None
+            self.late_skipped[err.reason] += 1
+            total = sum(self.late_skipped.values())
+            if total <= 5 or total % 100 == 0:  # say it early, then now and then: never once per image forever
+                log.warning("VLM data: skipped while training (%d so far): %s", total, msg)
             return None
         return {"messages": messages, "images": images}
 
@@ -405,12 +610,25 @@ class VLMDataset(_Records, torch.utils.data.Dataset):
         return self._example(source, i, *normalize(source.records[i], i))
 
     def to_hf(self) -> datasets.Dataset:
-        """The same examples as a `datasets.Dataset`, for SFTTrainer; a failed decode comes as all-None fields."""
+        """The same examples as a `datasets.Dataset`, for SFTTrainer. An example whose images fail to decode is
+        replaced by the next one that works (counted in `late_skipped`), so a batch is never left empty."""
         return datasets.Dataset.from_dict({"index": list(range(len(self)))}).with_transform(self._hf_batch)
 
     def _hf_batch(self, batch: dict) -> dict:
-        examples = [self[i] for i in batch["index"]]
+        examples = [self.replaced_if_bad(i) for i in batch["index"]]
         return {key: [ex and ex[key] for ex in examples] for key in ("messages", "images")}
+
+    def replaced_if_bad(self, idx: int, tries: int = REPLACE_TRIES) -> dict | None:
+        """Example `idx` or, if it fails to decode, the next good one (deterministic: idx+1, idx+2, ... wrapping).
+
+        None (all-None fields in to_hf(), counted by the collator) only after `tries` failures in a row.
+        Pitfall: evaluation must not use this: it would score one example twice. It indexes `ds[i]` instead.
+        """
+        for k in range(min(tries, len(self))):
+            example = self[(idx + k) % len(self)]
+            if example is not None:
+                return example
+        return None
 
 
 class IterableVLMDataset(_Records, torch.utils.data.IterableDataset):
@@ -420,6 +638,7 @@ class IterableVLMDataset(_Records, torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         self.skipped.clear()
+        self.late_skipped.clear()
         self.offenders.clear()
         worker = torch.utils.data.get_worker_info()
         n_kept = 0

@@ -35,7 +35,7 @@ from transformers import TrainerCallback
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
 from collator import VLMCollator
-from data import load_vlm_dataset
+from data import MAX_PIXELS, load_vlm_dataset
 from modeling_qwen_siglip import QwenSiglipForConditionalGeneration
 from processing_qwen_siglip import QwenSiglipProcessor
 
@@ -95,6 +95,7 @@ class ScriptArguments:
     dataset_streaming: bool = field(default=False, metadata={"help": "Stream a Hub dataset (needs --max_steps)."})
     strict: bool = field(default=False, metadata={"help": "Stop at the first bad record instead of skipping it."})
     max_samples: int | None = field(default=None, metadata={"help": "Use only the first N records."})
+    max_pixels: int = field(default=MAX_PIXELS, metadata={"help": "Skip images with more pixels (from the header)."})
     vision_model: str = field(default="google/siglip-base-patch16-224", metadata={"help": "Stage 1 vision base."})
     text_model: str = field(default="Qwen/Qwen2.5-0.5B-Instruct", metadata={"help": "Stage 1 language base."})
     pixel_shuffle_factor: int = field(default=1, metadata={"help": "Stage 1: 2 merges 2x2 patches (4x fewer)."})
@@ -292,21 +293,23 @@ def main(stage_defaults: dict, argv: list[str] | None = None, callbacks: list | 
 
     model, processor = build_model(script_args, model_args)
     freeze(model, script_args.train_modules)
-    load = dict(image_root=script_args.image_root, streaming=script_args.dataset_streaming, strict=script_args.strict)
+    load = dict(image_root=script_args.image_root, streaming=script_args.dataset_streaming, strict=script_args.strict,
+                max_pixels=script_args.max_pixels)  # fmt: skip
     train = load_vlm_dataset(
         script_args.dataset_name, split=script_args.dataset_train_split, limit=script_args.max_samples, **load
     )
     evals = load_vlm_dataset(script_args.eval_dataset_name, **load) if script_args.eval_dataset_name else None
-    # SFTTrainer takes `datasets` objects only; to_hf() wraps ours without decoding anything up front.
-    train, evals = train.to_hf(), evals.to_hf() if evals is not None else None
+    collator = VLMCollator(processor, max_length=training_args.max_length)
+    collator.strict = script_args.strict
 
     trainer = QwenSiglipTrainer(
         model=model,
         args=training_args,
-        train_dataset=train,
-        eval_dataset=evals,
+        # SFTTrainer takes `datasets` objects only; to_hf() wraps ours without decoding anything up front.
+        train_dataset=train.to_hf(),
+        eval_dataset=evals.to_hf() if evals is not None else None,
         processing_class=processor,
-        data_collator=VLMCollator(processor, max_length=training_args.max_length),
+        data_collator=collator,
         peft_config=peft_config(model_args, script_args.train_modules) if model_args.use_peft else None,
         callbacks=[ProgressLog(), *(callbacks or [])],
         projector_lr=script_args.projector_lr,
@@ -316,6 +319,10 @@ def main(stage_defaults: dict, argv: list[str] | None = None, callbacks: list | 
     )
     logger.info(f"trainable parameters: {sum(p.numel() for p in trainer.model.parameters() if p.requires_grad):,}")
     trainer.train(resume_from_checkpoint=resume)
+    # Pitfall: with dataloader_num_workers > 0, decode and collate run in worker processes and count there.
+    workers = " (this process only: workers count their own)" if training_args.dataloader_num_workers else ""
+    logger.info(f"data: skipped at load {dict(train.skipped)}, at decode {dict(train.late_skipped)}, "
+                f"at collate {dict(collator.skipped)}{workers}")  # fmt: skip
     out = save(trainer, processor, script_args.merge_adapter and model_args.use_peft)
     if push and trainer.is_world_process_zero():
         push_folder(out, training_args.hub_model_id, training_args.hub_private_repo, hub_token, script_args.push_eval)

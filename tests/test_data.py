@@ -9,6 +9,10 @@ import json
 import logging
 import os
 import pickle
+import re
+import struct
+import warnings
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -278,11 +282,28 @@ def test_image_outside_root_is_rejected(tmp_path):
     assert len(ds) == 0 and ds.skipped == Counter(missing_image=1)
 
 
-def test_decompression_bomb_is_skipped(tmp_path, monkeypatch):
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims width x height: tests the header check without decoding megapixels."""
+    png = bytearray(png_bytes(size=(1, 1)))
+    png[16:24] = struct.pack(">II", width, height)  # IHDR data, then its CRC
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    return bytes(png)
+
+
+def test_large_photo_is_too_many_pixels_and_only_pils_limit_makes_a_bomb(tmp_path, monkeypatch, caplog):
     make_image(tmp_path / "big.png", size=(20, 20))
     path = str(write_json(tmp_path / "d.json", [llava(image="big.png")]))
-    assert load_vlm_dataset(path, max_pixels=399).skipped == Counter(decompression_bomb=1)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        assert load_vlm_dataset(path, max_pixels=399).skipped == Counter(too_many_pixels=1)
+    assert "20x20 = 400 pixels, over the cap of 399; raise max_pixels" in caplog.text and "bomb" not in caplog.text
     assert len(load_vlm_dataset(path, max_pixels=400)) == 1
+    real_photo, bomb = png_claiming(9000, 9000), png_claiming(10000, 10000)  # headers only: nothing is decoded
+    with pytest.raises(data.ImageRefused, match="9000x9000 = 81,000,000 pixels, over the cap of 64,000,000") as e:
+        data.load_rgb(real_photo)
+    assert e.value.reason == "too_many_pixels"  # a large photo is not an attack: under PIL's 89M-pixel limit
+    with pytest.raises(data.ImageRefused, match="over PIL's decompression-bomb limit") as e:
+        data.load_rgb(bomb)
+    assert e.value.reason == "decompression_bomb"
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # PIL's own check warns (and errors above 2x): both count
     assert load_vlm_dataset(path).skipped == Counter(decompression_bomb=1)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 150)
@@ -356,17 +377,27 @@ def test_strict_names_record_and_reason(tmp_path):
         load_vlm_dataset(str(bad_records(tmp_path)), strict=True)
 
 
-def test_truncated_image_returns_none_counted_or_raises_in_strict(tmp_path):
-    make_image(tmp_path / "good.png", RED)
+def truncated_jpeg(path: Path) -> Path:
+    """A JPEG whose header is whole but whose data stops part-way: it opens, and fails only when decoded."""
     buf = io.BytesIO()
-    Image.frombytes("RGB", (64, 64), os.urandom(64 * 64 * 3)).save(buf, "PNG")  # noise: does not compress
-    (tmp_path / "trunc.png").write_bytes(buf.getvalue()[:4000])  # header intact, pixels cut
-    path = str(write_json(tmp_path / "d.json", [llava(image="good.png"), llava(image="trunc.png")]))
+    Image.frombytes("RGB", (64, 64), os.urandom(64 * 64 * 3)).save(buf, "JPEG")  # noise: does not compress
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return path
+
+
+def test_truncated_image_is_replaced_by_the_next_good_one_counted_or_raises_in_strict(tmp_path):
+    make_image(tmp_path / "good.png", RED)
+    truncated_jpeg(tmp_path / "trunc.jpg")
+    path = str(write_json(tmp_path / "d.json", [llava(image="good.png"), llava(image="trunc.jpg")]))
     ds = load_vlm_dataset(path)
     assert len(ds) == 2 and ds.skipped == Counter()  # the header was fine at load time
-    assert ds[1] is None and ds.skipped == Counter(undecodable_image=1)  # the collator drops it (test_training)
-    assert colors(ds[0]) == [RED]
-    with pytest.raises(ValueError, match=r"d\.json record 1: field 'image': cannot decode"):
+    assert ds[1] is None and ds.late_skipped == Counter(undecodable_image=1)  # evaluation sees the hole
+    hf = ds.to_hf()  # training: the next good example stands in (wrapping around), so no batch is ever empty
+    stand_in = hf[1]
+    assert colors(stand_in) == [RED] and stand_in["messages"] == ds[0]["messages"]
+    assert ds.late_skipped == Counter(undecodable_image=2)  # counted each time it is met (once per epoch)
+    msg = r"d\.json record 1: field 'image': file 'trunc\.jpg': cannot decode its pixels .*\[undecodable_image\]"
+    with pytest.raises(ValueError, match=msg):
         load_vlm_dataset(path, strict=True)[1]
 
 
@@ -466,3 +497,236 @@ def test_works_as_sft_trainer_train_dataset(tmp_path):
     assert len(seen) == 8
     assert all(ex["images"][0].mode == "RGB" and ex["messages"][0]["content"][0] == IMG for ex in seen)
     assert sorted({ex["messages"][1]["content"][0]["text"] for ex in seen}) == [f"answer {i}" for i in range(4)]
+
+
+# ----------------------------------------------------------------------------- hostile data
+
+
+def test_path_errors_are_counted_skips_with_honest_reasons(tmp_path, caplog):
+    make_image(tmp_path / "ok.png")
+    (tmp_path / "folder.png").mkdir()
+    os.mkfifo(tmp_path / "pipe.png")  # opening it would block forever: it must never be opened
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop2.png")
+    (tmp_path / "loop2.png").symlink_to(tmp_path / "loop.png")
+    records = [
+        llava(image="a\0b.png"),  # 0 bad_path: ValueError "embedded null byte" from the OS layer
+        llava(image="x" * 300 + ".png"),  # 1 bad_path: OSError "File name too long"
+        llava(image="folder.png"),  # 2 not_a_file
+        llava(image="pipe.png"),  # 3 not_a_file
+        llava(image="https://example.com/cat.jpg"),  # 4 image_url
+        llava(image="nope.png"),  # 5 missing_image
+        llava(image="ok.png"),  # 6 good
+        llava(image="loop.png"),  # 7 bad_path: a symlink loop (RuntimeError from resolve() before Python 3.13)
+    ]
+    path = str(write_json(tmp_path / "d.json", records))
+    with caplog.at_level(logging.WARNING, logger="data"):
+        ds = load_vlm_dataset(path)
+    assert len(ds) == 1 and ds.skipped == Counter(bad_path=3, not_a_file=2, image_url=1, missing_image=1)
+    assert "record 2: field 'image': file 'folder.png' is a folder" in caplog.text
+    assert "record 3: field 'image': file 'pipe.png' is not a regular file" in caplog.text
+    assert "record 4: field 'image': file 'https://example.com/cat.jpg' is a URL: training does not download" in (
+        caplog.text
+    )
+    strict = [
+        (0, r"d\.json record 0: field 'image': file 'a\\x00b\.png': the path holds a NUL byte \[bad_path\]"),
+        (1, r"d\.json record 0: field 'image': file 'x{60}… \(304 characters\)': unusable path .*\[bad_path\]"),
+        (3, r"d\.json record 0: field 'image': file 'pipe\.png' is not a regular file .*\[not_a_file\]"),
+    ]
+    for k, msg in strict:
+        with pytest.raises(ValueError, match=msg):
+            load_vlm_dataset(str(write_json(tmp_path / "d.json", [records[k]])), strict=True)
+
+
+def test_messages_name_the_records_field_and_never_echo_blobs_or_reprs(tmp_path, caplog):
+    b64 = "iVBORw0KGgo" + "A" * 5000
+    trl = [user(IMG, TXT("Colour?")), assistant("Red.")]
+    records = [
+        {"messages": trl, "images": ["missing.png"]},  # 0 missing_image, field images[0]
+        {"messages": trl, "images": [b64]},  # 1 a base64 string where a path belongs: not echoed whole
+        {"messages": trl},  # 2 placeholder_image_mismatch, field images (not "image")
+    ]
+    rows = {"conversations": [llava()["conversations"]], "image": [b"not an image at all"]}
+    datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "blob.parquet"))  # inline bytes that are no image
+    write_jsonl(tmp_path / "trl.jsonl", records)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        ds = load_vlm_dataset(str(tmp_path))
+    assert len(ds) == 0 and ds.skipped == Counter(
+        missing_image=1, bad_path=1, placeholder_image_mismatch=1, undecodable_image=1
+    )
+    text = caplog.text
+    assert "blob.parquet record 0: field 'image': image of <19 bytes> cannot be opened as an image" in text
+    assert "trl.jsonl record 0: field 'images[0]': file 'missing.png' not found under image root" in text
+    assert "trl.jsonl record 1: field 'images[0]': file 'iVBORw0KGgoAAAA" in text and "characters)" in text
+    assert "trl.jsonl record 2: field 'images': 1 <image> placeholders but 0 images" in text
+    assert b64[:200] not in text and " at 0x" not in text and "BytesIO" not in text
+    assert str(tmp_path) not in text.replace(f"checking {tmp_path}", "")  # no folder of this machine in messages
+
+
+def test_load_rgb_refusals_carry_a_reason_and_a_clean_message(tmp_path):
+    truncated = truncated_jpeg(tmp_path / "cut.jpg")
+    make_image(tmp_path / "big.png", size=(80, 70))
+    cases = [
+        (truncated, "undecodable_image", "image 'cut.jpg': cannot decode its pixels"),
+        (truncated.read_bytes()[:30], "undecodable_image", "image of <30 bytes> cannot be opened as an image"),
+        (io.BytesIO(b"junk"), "undecodable_image", "not an image format PIL can read"),
+        (tmp_path / "big.png", "too_many_pixels", "'big.png' is 80x70 = 5,600 pixels, over the cap of 5,000"),
+        (tmp_path, "not_a_file", "is a folder"),
+        (str(tmp_path / "nope.png"), "missing_image", "image 'nope.png' not found"),
+        ("http://example.com/a.png", "image_url", "is a URL"),
+        ({"bytes": None, "path": "a\0.png"}, "bad_path", "NUL byte"),
+        (42, "malformed_record", "unusable image reference <a int>"),
+    ]
+    for src, reason, words in cases:
+        with pytest.raises(data.ImageRefused, match=re.escape(words)) as caught:
+            data.load_rgb(src, max_pixels=5000)
+        assert (
+            caught.value.reason == reason
+            and str(tmp_path) not in str(caught.value)
+            and " at 0x" not in str(caught.value)
+        )
+
+
+def test_invalid_json_or_non_utf8_file_names_file_and_line(tmp_path):
+    (tmp_path / "bad.json").write_text('[\n  {"image": "a.png"},\n  {"image": "b.png",,}\n]\n')
+    with pytest.raises(ValueError, match=r"bad\.json: invalid JSON at line 3 column \d+: Expecting"):
+        load_vlm_dataset(str(tmp_path / "bad.json"))
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"caption": "ok"}\n{"caption": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl: byte 0xe9 at line 2 is not UTF-8"):
+        load_vlm_dataset(str(tmp_path / "latin1.jsonl"))
+    (tmp_path / "gbk.json").write_bytes('[\n\n {"caption": "中文"}]'.encode("gbk"))
+    with pytest.raises(ValueError, match=r"gbk\.json: byte 0x\w\w at line 3 is not UTF-8"):
+        load_vlm_dataset(str(tmp_path / "gbk.json"))
+
+
+def test_bad_jsonl_line_is_a_counted_skip_that_names_its_line(tmp_path, caplog):
+    make_image(tmp_path / "img/a.png")
+    lines = [json.dumps(llava()), "", "", '{"image": "img/a.png", oops}', json.dumps(llava())]
+    (tmp_path / "d.jsonl").write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")  # with a BOM
+    with caplog.at_level(logging.WARNING, logger="data"):
+        ds = load_vlm_dataset(str(tmp_path / "d.jsonl"))
+    assert len(ds) == 2 and ds.skipped == Counter(malformed_record=1)
+    assert "d.jsonl record 1: field 'record': line 4 is not valid JSON (Expecting property name" in caplog.text
+
+
+def test_show_once_warning_prints_once_while_loading_many_images(tmp_path, monkeypatch):
+    """A warnings.catch_warnings() per image resets Python's show-once registry: every such warning would print
+    once per image instead of once."""
+    for i in range(5):
+        make_image(tmp_path / f"{i}.png", (i, 0, 0))
+    path = write_json(tmp_path / "d.json", [llava(image=f"{i}.png") for i in range(5)])
+    real_load = ImageFile.ImageFile.load
+
+    def load_and_warn(im):
+        warnings.warn("a show-once warning", UserWarning, stacklevel=1)  # one place: "default" shows it once
+        return real_load(im)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load_and_warn)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")
+        ds = load_vlm_dataset(str(path))
+        images = [ds[i]["images"][0] for i in range(len(ds))]
+    assert len(images) == 5
+    assert [str(w.message) for w in shown] == ["a show-once warning"]
+
+
+# ----------------------------------------------------------------------------- one decoder
+
+
+def test_exif_orientation_is_applied_and_not_applied_twice(tmp_path):
+    img = Image.new("RGB", (40, 20), "white")
+    img.paste(RED, (0, 0, 20, 20))  # left half red, as the sensor stored it
+    exif = Image.Exif()
+    exif[data.ORIENTATION] = 6  # the camera was turned: show it rotated 90 degrees clockwise
+    img.save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    upright = data.load_rgb(tmp_path / "rot.jpg")
+    assert upright.size == (20, 40)  # the left half is now the top half
+    assert upright.getpixel((10, 5))[0] > 200 and upright.getpixel((10, 5))[1] < 60
+    assert upright.getpixel((10, 35)) > (200, 200, 200)
+    from transformers.image_utils import load_image  # what pipelines do with a PIL input: exif_transpose again
+
+    assert load_image(upright).tobytes() == upright.tobytes()
+
+
+def hostile_images(folder: Path) -> list[str]:
+    """16-bit grey, RGBA, palette with a transparent entry, CMYK JPEG, EXIF-rotated JPEG: decoders disagree on all."""
+    Image.new("I;16", (12, 8), 40000).save(folder / "i16.png")
+    rgba = Image.new("RGBA", (12, 8), (0, 0, 0, 0))
+    rgba.paste((0, 0, 255, 255), (0, 0, 6, 8))
+    rgba.save(folder / "rgba.png")
+    pal = Image.new("P", (12, 8), 0)
+    pal.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    pal.paste(1, (0, 0, 4, 8))
+    pal.save(folder / "pal.png", transparency=0)
+    Image.new("CMYK", (12, 8), (0, 255, 255, 0)).save(folder / "cmyk.jpg")
+    rot = Image.new("RGB", (12, 8), "white")
+    rot.paste(RED, (0, 0, 6, 8))
+    exif = Image.Exif()
+    exif[data.ORIENTATION] = 6
+    rot.save(folder / "rot.jpg", exif=exif)
+    return ["i16.png", "rgba.png", "pal.png", "cmyk.jpg", "rot.jpg"]
+
+
+def test_same_file_gives_same_pixel_values_on_every_path(tiny, tiny_checkpoint, tmp_path):
+    """Data (VLMDataset -> processor), load_rgb as the app and evaluate use it, and a pipeline input we prepare."""
+    from transformers import pipeline
+
+    _, processor = tiny
+    names = hostile_images(tmp_path)
+    path = write_json(tmp_path / "d.json", [llava(image=name) for name in names])
+    ds = load_vlm_dataset(str(path))
+    pipe = pipeline("image-text-to-text", model=str(tiny_checkpoint), trust_remote_code=True)
+
+    def pixels(image: Image.Image) -> torch.Tensor:
+        return processor(images=[image], text="<image>", return_tensors="pt")["pixel_values"]
+
+    for i, name in enumerate(names):
+        from_data = pixels(ds[i]["images"][0])
+        opened = data.load_rgb(tmp_path / name)
+        from_pipeline = pipe.preprocess({"images": [opened], "text": "<image>"})["pixel_values"]
+        assert torch.equal(from_data, pixels(opened)), name
+        assert torch.equal(from_data, from_pipeline), name
+        with open(tmp_path / name, "rb") as f:  # an upload as a file object, and as bytes
+            assert data.load_rgb(f).tobytes() == opened.tobytes() == data.load_rgb(f.seek(0) or f.read()).tobytes()
+    grey, rgba, pal, _, rot = (data.load_rgb(tmp_path / name) for name in names)
+    assert grey.getpixel((0, 0)) == (155, 155, 155)  # 40000 / 65535, not clipped to white
+    assert rgba.getpixel((11, 0)) == pal.getpixel((11, 0)) == (255, 255, 255)  # transparent on white, not black
+    assert rot.size == (8, 12)  # upright
+
+
+# ----------------------------------------------------------------------------- runs that meet bad pixels late
+
+
+def test_collator_replaces_a_batch_whose_examples_all_fail_unless_strict(tiny):
+    from collator import VLMCollator
+
+    _, processor = tiny
+    good = {"messages": [user(TXT("Hi")), assistant("Hello.")], "images": []}
+    collator = VLMCollator(processor)
+    first = collator([good])
+    again = collator([None, {"messages": None, "images": None}])  # to_hf() gives all-None fields
+    assert torch.equal(again["input_ids"], first["input_ids"]) and torch.equal(again["labels"], first["labels"])
+    assert collator.skipped == Counter(undecodable_image=2, batch_replaced=1)
+    collator.strict = True
+    with pytest.raises(ValueError, match="Every example of this batch was skipped"):
+        collator([None])
+
+
+def test_truncated_jpeg_run_with_batch_1_finishes_and_reports_the_skip(tiny_bases, tmp_path, caplog):
+    from conftest import CPU_RUN
+
+    import training
+
+    make_image(tmp_path / "good.png", RED, size=(32, 32))
+    truncated_jpeg(tmp_path / "cut.jpg")
+    records = [llava(image="good.png"), llava(image="cut.jpg"), llava(image="good.png", gpt="Red.")]
+    path = str(write_json(tmp_path / "d.json", records))
+    vision, text = map(str, tiny_bases)
+    argv = ["--vision_model", vision, "--text_model", text, "--dataset_name", path, *CPU_RUN, "--max_steps", "3"]
+    argv += ["--per_device_train_batch_size", "1", "--global_batch_size", "1", "--max_pixels", "4096"]
+    with caplog.at_level(logging.INFO):
+        training.main(training.PRETRAIN_DEFAULTS, argv + ["--seed", "1", "--output_dir", str(tmp_path / "out")])
+    totals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: skipped at load")]
+    assert totals == ["data: skipped at load {}, at decode {'undecodable_image': 1}, at collate {}"]
+    msg = r"d\.json record 1: field 'image': file 'cut\.jpg': cannot decode its pixels .*\[undecodable_image\]"
+    with pytest.raises(ValueError, match=msg):
+        training.main(training.PRETRAIN_DEFAULTS, argv + ["--strict", "true", "--output_dir", str(tmp_path / "s")])

@@ -15,7 +15,7 @@ Notable:
   it (Gradio's default would drop it); Clear during an answer is undone by the answer's next piece: Stop first.
 - Temperature 0 means greedy decoding; above 0, temperature + top-p sampling.
 - Images are opened by the data module's `load_rgb`, as in training (EXIF orientation, alpha on white, 16-bit
-  rescaled). The image component hands the upload over undecoded (`UploadedImage`): Gradio's own preprocessing
+  rescaled). The image component hands the upload over undecoded (`image_input`): Gradio's own preprocessing
   would open it with PIL and fail on a corrupt file or a 400-megapixel header with its raw error, before the app
   could refuse it. Images over `--max-image-pixels` are refused from their header; the upload itself is capped by
   Gradio's `max_file_size`. Refusals and failures show in a status line on the page; the server lives on.
@@ -169,23 +169,26 @@ def _stream(model, processor, inputs: dict, **generate_kwargs) -> Iterator[str]:
         raise failure[0]
 
 
-class UploadedImage(gr.Image):
-    """`gr.Image` handing the upload over undecoded: its file path, or the bytes of a pasted data URL.
+def undecoded(payload) -> str | bytes | None:
+    """An image upload as the app takes it: its file path, or the bytes of a pasted data URL; nothing decoded."""
+    if payload is None:
+        return None
+    if payload.url and payload.url.startswith("data:"):
+        return base64.b64decode(payload.url.partition(",")[2])
+    return payload.path
+
+
+def image_input(**kwargs) -> gr.Image:
+    """A `gr.Image` that hands the upload over undecoded (`undecoded`), for `load_rgb` to open or refuse.
 
     Pitfall: `gr.Image`'s own preprocessing opens every upload with PIL, even with `type="filepath"`, so a corrupt
     file or a 400-megapixel header fails inside Gradio ("Could not preprocess input component", with the server's
-    temporary path) before the app can refuse it with its own message.
+    temporary path) before the app can refuse it with its own message. Its preprocessing is replaced on this
+    instance; a subclass would do it too, but Gradio writes a stub file (app.pyi) next to any module defining one.
     """
-
-    def get_block_name(self) -> str:
-        return "image"  # the browser side is gr.Image's own
-
-    def preprocess(self, payload) -> str | bytes | None:
-        if payload is None:
-            return None
-        if payload.url and payload.url.startswith("data:"):
-            return base64.b64decode(payload.url.partition(",")[2])
-        return payload.path
+    image = gr.Image(type="filepath", **kwargs)
+    image.preprocess = undecoded
+    return image
 
 
 def build_app(
@@ -244,7 +247,7 @@ def build_app(
         )
         with gr.Row():
             with gr.Column(scale=2):
-                image = UploadedImage(type="filepath", sources=["upload", "clipboard"], label="Image", elem_id="image")
+                image = image_input(sources=["upload", "clipboard"], label="Image", elem_id="image")
                 with gr.Accordion("Sampling settings", open=False):
                     temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)")
                     top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p")

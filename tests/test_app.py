@@ -131,7 +131,7 @@ def test_hostile_images_get_the_apps_own_message_without_a_server_path(tmp_path,
     }[name]
     path = tmp_path / name
     path.write_bytes(content)
-    component = app.UploadedImage(type="filepath")
+    component = app.image_input()
     assert component.preprocess(ImageData(path=str(path), orig_name=name)) == str(path)  # nothing decoded
     with pytest.raises(ValueError, match="^This image cannot be used: ") as refused:
         app.open_image(str(path), app.DEFAULT_MAX_IMAGE_PIXELS)
@@ -142,7 +142,7 @@ def test_a_pasted_data_url_is_handed_over_as_bytes():
     from gradio.data_classes import ImageData
 
     url = "data:image/jpeg;base64," + base64.b64encode(CORRUPT_JPEG).decode()
-    assert app.UploadedImage(type="filepath").preprocess(ImageData(url=url)) == CORRUPT_JPEG
+    assert app.image_input().preprocess(ImageData(url=url)) == CORRUPT_JPEG
 
 
 def test_messages_never_name_a_server_path():

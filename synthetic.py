@@ -18,6 +18,8 @@ What is notable:
 - Background tint, shape size and offset inside the cell are jittered; test scenes come from their own
   seed stream and any scene identical to a training one is redrawn, so test images are never seen in training.
 - Deterministic: each split has its own `random.Random` seeded by a string, which is stable across runs.
+- `n_caption_test` adds held-out captions (`caption_test.jsonl`, unseen scenes, 1-3 shapes, both languages);
+  `caption_correct` scores a caption right only with every colour, shape, position and count word right, in order.
 """
 
 import argparse

@@ -55,6 +55,7 @@ def user(text: str, image: bool = False) -> dict:
 def test_defaults_are_private_and_offline():
     args = app.parse_args(["--model", "some/model"])
     assert (args.host, args.share, args.max_image_pixels) == ("127.0.0.1", False, app.DEFAULT_MAX_IMAGE_PIXELS)
+    assert (args.trust_remote_code, args.revision) == (False, None)  # a Hub id's code runs only when asked
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
 
 

@@ -212,6 +212,9 @@ def evaluate(
     scorers = scorers or {}
     skipped = Counter({"undecodable": sum(e is None for e in examples)})
     limit = context_length(model) - max_new_tokens
+    if limit <= 0:
+        context = limit + max_new_tokens
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the {context}-token context")
     kept = []  # (templated prompt, images, reference)
     for example in filter(None, examples):
         messages, reference = split_example(example)

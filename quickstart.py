@@ -7,7 +7,8 @@
 2. saves tiny random SigLIP and Qwen2 bases (with a tokenizer trained on the set's text) like Hub checkpoints;
 3. runs `train_pretrain.py` then `train_sft.py` with `recipes/quickstart_*.yaml`: the same code paths as a real run;
 4. loads the result with `AutoModelForCausalLM`/`AutoProcessor` and prints held-out exact-match accuracy next to the
-   blind baseline (the same model answering with blank images) and chance.
+   blind baseline (the same model answering with blank images) and chance, then the share of held-out captions with
+   every colour, shape, position and count word right (`synthetic.caption_correct`), blind baseline beside it.
 """
 
 import argparse
@@ -41,8 +42,9 @@ def main(argv: list[str] | None = None) -> dict:
     out, t0 = Path(args.out), time.time()
 
     data = synthetic.make_shapes_dataset(
-        out / "data", n_pretrain=args.n_pretrain, n_sft=args.n_sft, n_test=args.n_test, seed=args.seed
-    )
+        out / "data", n_pretrain=args.n_pretrain, n_sft=args.n_sft, n_test=args.n_test,
+        n_caption_test=max(1, args.n_test // 4), seed=args.seed,
+    )  # fmt: skip
     texts = synthetic.corpus_texts(data.values())
     vision, text = save_tiny_bases(out / "bases", texts, image_size=synthetic.IMAGE_SIZE, seed=args.seed)
     common = ["--seed", str(args.seed)]
@@ -56,11 +58,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = evaluate.main(["--model", str(out / "sft"), "--dataset", str(data["sft_test"]), "--batch_size", "64",
                             "--max_new_tokens", "8"])  # fmt: skip
+    captions = evaluate.main(["--model", str(out / "sft"), "--dataset", str(data["caption_test"]),
+                              "--batch_size", "64", "--max_new_tokens", "48", "--scorer", "synthetic:caption_correct",
+                              "--output_dir", str(out / "sft" / "eval" / "captions")])["summary"]  # fmt: skip
     summary = {**result["summary"], "chance": synthetic.chance_accuracy(data["sft_test"]), "seconds": time.time() - t0}
+    summary |= {"captions": captions["examples"], "caption_correct": captions["caption_correct"]}
+    summary["blind_caption_correct"] = captions["blind_caption_correct"]
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(
         f"\nheld-out exact match {summary['exact_match']:.1%} | blind baseline {summary['blind_exact_match']:.1%} | "
         f"chance {summary['chance']:.1%} | {summary['examples']} questions | {summary['seconds']:.0f} s\n"
+        f"held-out captions all right {summary['caption_correct']:.1%} | blind baseline "
+        f"{summary['blind_caption_correct']:.1%} | {summary['captions']} captions (every colour, shape, position and "
+        "count word, English and Chinese)\n"
         f"checkpoint: {out / 'sft'} (loads with AutoModelForCausalLM/AutoProcessor, trust_remote_code=True)"
     )
     return summary

@@ -18,11 +18,14 @@ What is notable:
 - Background tint, shape size and offset inside the cell are jittered; test scenes come from their own
   seed stream and any scene identical to a training one is redrawn, so test images are never seen in training.
 - Deterministic: each split has its own `random.Random` seeded by a string, which is stable across runs.
+- `n_caption_test` adds held-out captions (`caption_test.jsonl`, unseen scenes, 1-3 shapes, both languages);
+  `caption_correct` scores a caption right only with every colour, shape, position and count word right, in order.
 """
 
 import argparse
 import json
 import random
+import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -159,8 +162,16 @@ def sft_row(rng: random.Random, scene: Scene, image: str, kind: str, lang: str, 
 
 
 def make_shapes_dataset(
-    out_dir: str | Path, *, n_pretrain: int, n_sft: int, n_test: int, image_size: int = IMAGE_SIZE, seed: int = 0
+    out_dir: str | Path,
+    *,
+    n_pretrain: int,
+    n_sft: int,
+    n_test: int,
+    n_caption_test: int = 0,
+    image_size: int = IMAGE_SIZE,
+    seed: int = 0,
 ) -> dict[str, Path]:
+    """Write the splits; `n_caption_test` > 0 adds `caption_test` (held-out captions, half English, half Chinese)."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     seen = set()  # training scenes: a test scene equal to one of them is redrawn
@@ -205,6 +216,17 @@ def make_shapes_dataset(
             rng.shuffle(rows)
         lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         paths[f"sft_{split}"].write_text(lines, encoding="utf-8")
+    if n_caption_test:
+        rng, rows = random.Random(f"caption-test-{seed}"), []
+        for i in range(n_caption_test):
+            scene, lang = random_scene(rng, image_size, n=1 + i % 3), LANGS[i // 3 % 2]  # every count, both languages
+            while scene in seen:
+                scene = random_scene(rng, image_size, n=1 + i % 3)
+            turns = [{"role": "user", "content": "<image>\n" + rng.choice(DESCRIBE[lang])}]
+            turns.append({"role": "assistant", "content": caption(scene, lang)})
+            rows.append({"conversations": turns, "image": save(scene, f"caption_test_{i:06d}")})
+        paths["caption_test"] = out / "caption_test.jsonl"
+        paths["caption_test"].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
     return {**paths, "images": out / "images"}
 
 
@@ -225,6 +247,28 @@ def normalize_answer(s: str) -> str:
     return s.strip().lower().rstrip(PUNCTUATION)
 
 
+# Every word a caption can get wrong, English and Chinese; longest first, so 三角形 (triangle) is never read as 三 (3).
+CAPTION_WORDS = sorted(
+    {*COLOURS, *SHAPES, *CELLS, *(en for en, _ in NUMBERS.values())}
+    | {ZH[w] for w in (*COLOURS, *SHAPES, *CELLS)}
+    | {zh for _, zh in NUMBERS.values()},
+    key=len,
+    reverse=True,
+)
+CAPTION_WORD = re.compile("|".join(rf"\b{re.escape(w)}\b" if w.isascii() else re.escape(w) for w in CAPTION_WORDS))
+
+
+def caption_words(text: str) -> list[str]:
+    """The colour, shape, position and count words of a caption, in order: what a caption can get right."""
+    return CAPTION_WORD.findall(text.lower())
+
+
+def caption_correct(prediction: str, reference: str) -> bool:
+    """True when the predicted caption has every colour, shape, position and count word of the reference, in order,
+    and no other (English or Chinese); a scorer for `evaluate.py --scorer synthetic:caption_correct`."""
+    return caption_words(prediction) == caption_words(reference)
+
+
 def chance_accuracy(test_path: str | Path) -> float:
     """Accuracy of the best blind guesser: the most common answer for each question type (kind, language)."""
     answers = defaultdict(Counter)
@@ -241,6 +285,7 @@ if __name__ == "__main__":
     parser.add_argument("--n-pretrain", type=int, default=2000)
     parser.add_argument("--n-sft", type=int, default=2000)
     parser.add_argument("--n-test", type=int, default=400)
+    parser.add_argument("--n-caption-test", type=int, default=100)
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -6,12 +6,15 @@ Debian's Chromium (`apt-get install -y chromium`) and Playwright (`pip install p
 download is not used). Set QWEN_SIGLIP_SCREENSHOT=docs/app.png to save a screenshot mid-conversation.
 """
 
+import base64
 import inspect
 import os
 import shutil
 import socket
+import struct
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -52,6 +55,7 @@ def user(text: str, image: bool = False) -> dict:
 def test_defaults_are_private_and_offline():
     args = app.parse_args(["--model", "some/model"])
     assert (args.host, args.share, args.max_image_pixels) == ("127.0.0.1", False, app.DEFAULT_MAX_IMAGE_PIXELS)
+    assert (args.trust_remote_code, args.revision) == (False, None)  # a Hub id's code runs only when asked
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
 
 
@@ -77,8 +81,103 @@ def test_open_image_refuses_too_many_pixels(tmp_path):
     shape_image(size=256).save(tmp_path / "ok.png")
     shape_image(size=300).save(tmp_path / "big.png")
     assert app.open_image(str(tmp_path / "ok.png"), LIMIT).size == (256, 256)
-    with pytest.raises(ValueError, match="too large: 300×300 = 90,000 pixels; the limit is 65,536"):
+    with pytest.raises(ValueError, match=r"^This image cannot be used: .*300\D+300.*65,?536"):
         app.open_image(str(tmp_path / "big.png"), LIMIT)
+
+
+def test_the_app_opens_images_as_training_does(tmp_path):
+    """EXIF orientation applied and alpha on white, exactly as the data module's `load_rgb` gives them."""
+    import numpy as np
+    from PIL import Image
+
+    from data import load_rgb
+
+    photo = shape_image(size=64, box=(0, 0, 63, 15)).resize((64, 32))  # wider than tall
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to view
+    photo.save(tmp_path / "rotated.jpg", exif=exif)
+    rgba = Image.new("RGBA", (40, 40), (255, 0, 0, 0))  # fully transparent: must show as white, not black
+    rgba.save(tmp_path / "clear.png")
+    assert app.open_image(str(tmp_path / "rotated.jpg"), LIMIT).size == (32, 64)
+    assert app.open_image(str(tmp_path / "clear.png"), LIMIT).getpixel((0, 0)) == (255, 255, 255)
+    for name in ("rotated.jpg", "clear.png"):
+        path = str(tmp_path / name)
+        assert np.array_equal(np.asarray(app.open_image(path, LIMIT)), np.asarray(load_rgb(path, max_pixels=LIMIT)))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims `width` x `height` pixels: an image bomb costs its sender a few bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+CORRUPT_JPEG = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8  # a JPEG's first bytes, then noise
+
+
+@pytest.mark.parametrize("name", ["bomb.png", "corrupt.jpg", "truncated.jpg"])
+def test_hostile_images_get_the_apps_own_message_without_a_server_path(tmp_path, name):
+    """Gradio's preprocessing is out of the way (the path comes through undecoded); the app refuses with its words."""
+    from gradio.data_classes import ImageData
+
+    jpeg = tmp_path / "good.jpg"
+    shape_image(size=64).save(jpeg)
+    content = {
+        "bomb.png": png_header_only(20_000, 20_000),
+        "corrupt.jpg": CORRUPT_JPEG,
+        "truncated.jpg": jpeg.read_bytes()[:300],  # a whole header, then the data stops
+    }[name]
+    path = tmp_path / name
+    path.write_bytes(content)
+    component = app.image_input()
+    assert component.preprocess(ImageData(path=str(path), orig_name=name)) == str(path)  # nothing decoded
+    with pytest.raises(ValueError, match="^This image cannot be used: ") as refused:
+        app.open_image(str(path), app.DEFAULT_MAX_IMAGE_PIXELS)
+    assert str(tmp_path) not in str(refused.value)
+
+
+def test_a_pasted_data_url_is_handed_over_as_bytes():
+    from gradio.data_classes import ImageData
+
+    url = "data:image/jpeg;base64," + base64.b64encode(CORRUPT_JPEG).decode()
+    assert app.image_input().preprocess(ImageData(url=url)) == CORRUPT_JPEG
+
+
+def test_messages_never_name_a_server_path():
+    assert app.without_paths("cannot identify image file '/tmp/gradio/ab12/cat.png'") == (
+        "cannot identify image file 'cat.png'"
+    )
+    assert app.without_paths(r"C:\Users\me\x.png is broken") == "x.png is broken"
+    kept = "see https://huggingface.co/a/b, and/or 1 / 2"
+    assert app.without_paths(kept) == kept
+
+
+def test_a_chat_longer_than_the_context_is_refused_before_generating(tiny, monkeypatch):
+    model, processor = tiny
+    context = model.config.get_text_config().max_position_embeddings
+    monkeypatch.setattr(model, "generate", lambda *a, **kw: pytest.fail("generate ran on a prompt past the context"))
+    long = [user("red square " * context, image=True)]
+    with pytest.raises(app.PromptTooLong, match=rf"too long for the model \([\d,]+ tokens, limit {context:,}\)"):
+        app.stream_answer(model, processor, long, shape_image(), do_sample=False, max_new_tokens=8)
+
+
+def test_the_answer_is_capped_to_the_context_left(tiny):
+    model, processor = tiny
+    context = model.config.get_text_config().max_position_embeddings
+    inputs, max_new_tokens = app.encode(model, processor, [user("Hi", image=True)], shape_image(), 10**6)
+    assert max_new_tokens == context - inputs["input_ids"].shape[1]
+    assert app.encode(model, processor, [user("Hi", image=True)], shape_image(), 5)[1] == 5
+
+
+def test_a_hub_id_needs_trust_remote_code_before_anything_loads(monkeypatch):
+    monkeypatch.setattr(app, "build_app", lambda *a, **kw: pytest.fail("the app loaded a Hub model without consent"))
+    with pytest.raises(SystemExit, match="--trust_remote_code"):
+        app.main(["--model", "someone/qwen-siglip"])
+    args = app.parse_args(["--model", "someone/qwen-siglip", "--trust_remote_code", "--revision", "0123abc"])
+    assert (args.trust_remote_code, args.revision) == (True, "0123abc")
 
 
 def test_stream_answer_streams_the_greedy_answer(tiny):
@@ -143,16 +242,59 @@ def browser():
         browser.close()
 
 
-@pytest.fixture
-def page(browser, app_url):
+# Records what every fetch brings back to the page (Gradio's events stream through fetch), chunk by chunk.
+RECORD_RESPONSES = """
+window.received = [];
+const fetchOriginal = window.fetch;
+window.fetch = async function (...args) {
+  const response = await fetchOriginal.apply(this, args);
+  if (!response.body) return response;
+  const [mine, theirs] = response.body.tee();
+  (async () => {
+    const reader = mine.getReader(), decoder = new TextDecoder();
+    for (let r = await reader.read(); !r.done; r = await reader.read())
+      window.received.push({url: response.url, text: decoder.decode(r.value, {stream: true})});
+  })();
+  const copy = new Response(theirs, {status: response.status, statusText: response.statusText,
+                                     headers: response.headers});
+  Object.defineProperty(copy, "url", {value: response.url});
+  return copy;
+};
+"""
+
+
+def open_page(browser, url: str):
     """A fresh browser tab on the app (a new Gradio session), recording requests that leave this machine."""
     from playwright.sync_api import expect
 
     expect.set_options(timeout=TIMEOUT_MS)
     page = browser.new_page(viewport={"width": 1280, "height": 800})
     page.external_requests = []
-    page.on("request", lambda r: None if r.url.startswith(app_url) else page.external_requests.append(r.url))
-    page.goto(app_url)
+    page.on("request", lambda r: None if r.url.startswith(url) else page.external_requests.append(r.url))
+    page.add_init_script(RECORD_RESPONSES)
+    page.goto(url)
+    return page
+
+
+@pytest.fixture
+def page(browser, app_url):
+    page = open_page(browser, app_url)
+    yield page
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_app_url(tiny_checkpoint):
+    """The app on the tiny random checkpoint: for what needs no trained model (refusals, errors)."""
+    demo = app.build_app(str(tiny_checkpoint), max_image_pixels=LIMIT)
+    _, url, _ = app.launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield url
+    demo.close()
+
+
+@pytest.fixture
+def tiny_page(browser, tiny_app_url):
+    page = open_page(browser, tiny_app_url)
     yield page
     page.close()
 
@@ -263,15 +405,58 @@ def test_chat_in_the_browser_streams_greedy_answers_in_english_and_chinese(page,
 
 
 @pytest.mark.browser
-def test_missing_and_oversized_images_show_a_message_on_the_page(page, tmp_path):
+def test_missing_and_oversized_images_show_a_message_on_the_page(tiny_page, tmp_path):
     from playwright.sync_api import expect
 
+    page = tiny_page
     ask(page, "What is it?")
     expect(page.locator("#status")).to_contain_text("Upload or paste an image first")
     upload(page, tmp_path, shape_image(size=300), "big.png")
-    too_large = "too large: 300×300 = 90,000 pixels; the limit is 65,536"
-    expect(page.locator("#status")).to_contain_text(too_large)  # at once, before any question
+    expect(page.locator("#status")).to_contain_text("This image cannot be used")  # at once, before any question
+    expect(page.locator("#status")).to_contain_text("65,536")
     page.locator("#send").click()
-    expect(page.locator("#status")).to_contain_text(too_large)  # and again when asked: nothing is answered
+    page.wait_for_timeout(500)
+    expect(page.locator("#status")).to_contain_text("This image cannot be used")  # and when asked: no answer
     expect(page.get_by_test_id("bot")).to_have_count(0)
     expect(page.locator("#question textarea")).to_have_value("What is it?")  # kept, to ask again
+
+
+@pytest.mark.browser
+def test_hostile_uploads_and_long_chats_get_the_apps_own_message_and_no_server_path(
+    tiny_page, tiny_checkpoint, tmp_path
+):
+    """A 400-megapixel PNG header and a corrupt JPEG: Gradio used to fail on them with its raw "Could not
+    preprocess input component" error and the server's temporary path. Then a question past the model's context."""
+    from gradio.utils import get_upload_folder
+    from playwright.sync_api import expect
+
+    page = tiny_page
+    status = page.locator("#status")
+    for name, content in (("bomb.png", png_header_only(20_000, 20_000)), ("corrupt.jpg", CORRUPT_JPEG)):
+        upload(page, tmp_path, shape_image(size=48), "fine.png")
+        expect(status).to_have_text("")  # a fine image: no message, so the next one is new
+        (tmp_path / name).write_bytes(content)
+        page.locator("#image input[type=file]").set_input_files(tmp_path / name)
+        expect(status).to_contain_text("This image cannot be used")
+        ask(page, "What is it?")
+        page.wait_for_timeout(500)
+        expect(status).to_contain_text("This image cannot be used")
+        expect(page.get_by_test_id("bot")).to_have_count(0)
+
+    upload(page, tmp_path, shape_image(size=48), "fine.png")
+    ask(page, "red square " * 1024)  # over the tiny model's 1024-token context
+    expect(status).to_contain_text("This conversation is too long for the model")
+    expect(page.get_by_test_id("bot")).to_have_count(0)
+
+    text = page.inner_text("body")
+    assert "preprocess" not in text and "Traceback" not in text
+    server_paths = [str(ROOT), str(tiny_checkpoint), get_upload_folder(), str(tmp_path)]
+    received = page.evaluate("window.received")
+    assert any("too long for the model" in r["text"] for r in received), "the recording missed the event stream"
+    # Gradio's upload answers with the file's handle on the server (a path in its upload folder), by design:
+    # the page hands it back with each question. Everything else the server sends must name no path.
+    messages = [r for r in received if "/upload" not in r["url"]]
+    leaks = [(r["url"], r["text"][:200]) for r in messages if any(p in r["text"] for p in server_paths)]
+    assert not leaks, f"server paths sent to the browser: {leaks}"
+    assert not any(p in text for p in server_paths)
+    assert page.external_requests == []

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import shape_image
 
 import evaluate
 
@@ -54,3 +55,115 @@ def test_trained_default_beats_its_blind_baseline(quickstart_run, tmp_path):
                             "--output_dir", str(tmp_path)])  # fmt: skip
     summary = result["summary"]
     assert summary["exact_match"] >= 0.85 and summary["exact_match"] >= summary["blind_exact_match"] + 0.5
+
+
+# --- hostile input, remote code, results on the Hub -------------------------------------------------------------
+
+
+def test_a_one_megabyte_question_is_skipped_and_counted_without_tokenizing_it_whole(
+    tiny_checkpoint, shapes_data, tmp_path, monkeypatch
+):
+    rows = [json.loads(line) for line in shapes_data["sft_test"].read_text().splitlines()[:2]]
+    question = "<image>\n" + "red square " * 100_000  # 1.1 MB
+    huge = {**rows[0], "conversations": [{"role": "user", "content": question}, rows[0]["conversations"][1]]}
+    data = tmp_path / "hostile.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [huge, rows[1]]))
+    seen = []  # the length of every text the tokenizer is asked to encode
+    from transformers import PreTrainedTokenizerBase
+
+    encode = PreTrainedTokenizerBase.__call__
+
+    def spy(self, text=None, *args, **kwargs):
+        seen.extend(len(t) for t in ([text] if isinstance(text, str) else text or []))
+        return encode(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", spy)
+    root = str(shapes_data["sft_test"].parent)
+    result = evaluate.main(["--model", str(tiny_checkpoint), "--dataset", str(data), "--image_root", root,
+                            "--max_new_tokens", "3", "--output_dir", str(tmp_path / "eval")])  # fmt: skip
+    assert result["summary"]["skipped"] == {"prompt_too_long": 1}
+    assert result["summary"]["examples"] == 1 and len(result["predictions"]) == 1
+    assert seen and max(seen) < 10 * 1024, "the megabyte was tokenized whole (over a second, and 250k tokens)"
+
+
+def split_prompt(example: dict) -> list[dict]:
+    return evaluate.split_example(example)[0]
+
+
+def test_prompt_length_counts_expanded_image_tokens_exactly(tiny):
+    _, processor = tiny
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    expected = processor(images=[shape_image()], text=text, return_tensors="pt")["input_ids"].shape[1]
+    assert evaluate.prompt_length(processor, text, 1024) == expected
+
+
+def test_a_hub_id_needs_trust_remote_code_and_nothing_is_downloaded_without_it(monkeypatch, capsys, tmp_path):
+    import transformers
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the remote-code check")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", "someone/qwen-siglip", "--dataset", str(tmp_path / "x.jsonl")])
+    err = capsys.readouterr().err
+    assert "--trust_remote_code" in err and "--revision" in err and "runs the Python code" in err
+    with pytest.raises(ValueError, match="neither a local folder nor a Hub id"):
+        evaluate.remote_code_allowed("no/such/folder")
+    assert evaluate.remote_code_allowed("someone/qwen-siglip", trust_remote_code=True)
+
+
+def test_a_local_folder_loads_with_its_own_code_and_a_hub_id_gets_the_revision(tiny_checkpoint, monkeypatch):
+    import transformers
+
+    calls = []
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", lambda m, **kw: calls.append(kw) or Fake()
+    )
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda m, **kw: calls.append(kw))
+    evaluate.load_model(str(tiny_checkpoint))
+    evaluate.load_model("someone/qwen-siglip", trust_remote_code=True, revision="0123abc")
+    assert [(c["trust_remote_code"], c["revision"]) for c in calls] == [(True, None)] * 2 + [(True, "0123abc")] * 2
+
+
+class Fake:
+    def eval(self):
+        return self
+
+
+def test_write_card_puts_scores_in_model_index_and_keeps_the_card(tiny_checkpoint, shapes_data, tmp_path):
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    body = "# my model\n\nHand-written text that must survive.\n"
+    (model / "README.md").write_text("---\nlicense: apache-2.0\ntags:\n- qwen-siglip\n---\n" + body)
+    argv = ["--model", str(model), "--dataset", str(shapes_data["sft_test"]), "--limit", "2", "--max_new_tokens", "2"]
+    summary = evaluate.main([*argv, "--write_card"])["summary"]
+    evaluate.main([*argv, "--write_card"])  # again: replaces its results, does not add a second set
+    card = ModelCard.load(model / "README.md")
+    assert (
+        card.text.strip() == body.strip() and card.data.license == "apache-2.0" and card.data.tags == ["qwen-siglip"]
+    )
+    results = {r.metric_type: r for r in card.data.eval_results}
+    assert len(results) == len(card.data.eval_results) == 5
+    assert results["exact_match"].metric_value == round(summary["exact_match"], 4)
+    assert results["blind_exact_match"].metric_value == round(summary["blind_exact_match"], 4)
+    assert {r.task_type for r in results.values()} == {"image-text-to-text"}
+    assert {r.dataset_type for r in results.values()} == {"sft_test.jsonl"}  # its name, never a path
+    assert str(tmp_path) not in (model / "README.md").read_text()
+    assert "model-index" in (model / "README.md").read_text()
+
+
+def test_scorers_add_a_metric_with_its_blind_baseline(tiny_checkpoint, shapes_data, tmp_path):
+    argv = ["--model", str(tiny_checkpoint), "--dataset", str(shapes_data["sft_test"]), "--limit", "3"]
+    result = evaluate.main([*argv, "--max_new_tokens", "2", "--scorer", "synthetic:caption_correct",
+                            "--output_dir", str(tmp_path)])  # fmt: skip
+    p = result["predictions"]
+    assert all(isinstance(x["caption_correct"], bool) and isinstance(x["blind_caption_correct"], bool) for x in p)
+    assert result["summary"]["caption_correct"] == sum(x["caption_correct"] for x in p) / 3
+    with pytest.raises(SystemExit):
+        evaluate.main([*argv, "--scorer", "synthetic"])  # not module:function

@@ -149,3 +149,29 @@ def test_normalize_answer_ignores_case_space_and_final_punctuation():
     assert synthetic.normalize_answer("  Red.\n") == "red"
     assert synthetic.normalize_answer("红色。") == "红色"
     assert synthetic.normalize_answer("3!") == "3"
+
+
+def test_caption_correct_needs_every_colour_shape_position_and_count_word():
+    reference = "two shapes: a red circle on the top left and a blue square on the bottom right"
+    assert synthetic.caption_correct("Two shapes: a red circle on the top left and a blue square on the bottom right.",
+                                     reference)  # fmt: skip
+    for wrong in ("two shapes: a red circle on the top left and a blue square on the bottom left",  # position
+                  "two shapes: a red circle on the top left and a green square on the bottom right",  # colour
+                  "two shapes: a red circle on the top left and a blue triangle on the bottom right",  # shape
+                  "three shapes: a red circle on the top left and a blue square on the bottom right",  # count
+                  "a red circle on the top left"):  # fmt: skip
+        assert not synthetic.caption_correct(wrong, reference), wrong
+    zh = "两个形状：左上方有一个红色三角形，右下方有一个蓝色圆形"  # 三角形 is a shape, not the number three
+    assert synthetic.caption_correct(zh, zh)
+    assert not synthetic.caption_correct(zh.replace("两", "三", 1), zh)
+    assert not synthetic.caption_correct(zh.replace("三角形", "正方形"), zh)
+
+
+def test_held_out_captions_are_unseen_and_cover_both_languages_and_every_count(tmp_path):
+    data = synthetic.make_shapes_dataset(tmp_path, **SIZES, n_caption_test=12, seed=0)
+    rows = read_jsonl(data["caption_test"])
+    captions = [row["conversations"][1]["content"] for row in rows]
+    assert len(rows) == 12 and sum(bool(CJK.search(c)) for c in captions) == 6
+    assert {len(synthetic.caption_words(c)) for c in captions} >= {3, 7, 10}  # 1, 2 and 3 shapes
+    train = {Image.open(tmp_path / row["image"]).tobytes() for row in read_jsonl(data["sft_train"])}
+    assert not any(Image.open(tmp_path / row["image"]).tobytes() in train for row in rows)

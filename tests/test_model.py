@@ -1,5 +1,6 @@
 """The model: merge, loss, generation, pixel shuffle, attention implementations and bad input."""
 
+import os
 import threading
 
 import pytest
@@ -171,3 +172,29 @@ def test_wrong_pixel_size_is_rejected(tiny):
     x = prompt_inputs(processor)
     with pytest.raises(ValueError, match=r"pixel_values must have shape \(num_images, 3, 32, 32\)"):
         model(input_ids=x["input_ids"], pixel_values=torch.zeros(1, 3, 64, 64))
+
+
+def test_two_ranks_train_the_vision_tower_with_activation_checkpointing(tiny_checkpoint, shapes_data, tmp_path):
+    # With find_unused_parameters=False (transformers' Trainer default under activation checkpointing, and the
+    # fast setting; TRL 1.16 turns the search on for VLMs unless told), any trainable parameter that gets no
+    # gradient (SigLIP's post_layernorm, when features come from hidden_states) fails DDP at step 2.
+    import subprocess
+    import sys
+
+    from conftest import CPU_RUN, ROOT
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
+    args = ["sft", "--model_name_or_path", str(tiny_checkpoint), "--dataset_name", str(shapes_data["sft_train"]),
+            "--output_dir", str(tmp_path / "ddp"), *CPU_RUN, "--activation_checkpointing", "true",
+            "--train_modules", "projector", "language_model", "vision_tower", "--max_steps", "3",
+            "--per_device_train_batch_size", "2", "--global_batch_size", "4", "--ddp_backend", "gloo",
+            "--ddp_find_unused_parameters", "false"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "QS_DUMP_WEIGHTS": str(tmp_path)}
+    cmd = [*torchrun, str(ROOT / "tests" / "stage_runner.py"), *args]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert any(k.startswith("model.vision_tower.") for k in rank0)  # the tower did train
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:
+        torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)

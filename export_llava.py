@@ -53,7 +53,8 @@ def llava_config(config: QwenSiglipConfig) -> LlavaConfig:
         text_config=text_config,
         image_token_index=config.image_token_id,
         image_seq_length=config.num_image_tokens,
-        vision_feature_layer=config.vision_feature_layer,  # same meaning: an index into hidden_states
+        # same meaning: an index into hidden_states, or a list of them whose features are concatenated
+        vision_feature_layer=config.vision_feature_layer,
         vision_feature_select_strategy="full",  # SigLIP has no CLS token: "default" would drop a real patch
         projector_hidden_act=config.projector_hidden_act,
         multimodal_projector_bias=config.multimodal_projector_bias,

@@ -21,7 +21,6 @@ from modeling_qwen_siglip import QwenSiglipForConditionalGeneration  # noqa: E40
 from processing_qwen_siglip import QwenSiglipProcessor  # noqa: E402
 from tiny import save_tiny_bases  # noqa: E402
 
-
 # ----------------------------------------------------------------------------- deprecations we cause
 
 # How many library frames may separate our call from the `warnings.warn` it triggers. A deprecated argument we pass

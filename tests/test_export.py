@@ -172,3 +172,13 @@ def test_export_refuses_a_folder_that_is_not_empty(tiny_checkpoint, tmp_path):
     (tmp_path / "modeling_qwen_siglip.py").write_text("# left from an earlier run\n")
     with pytest.raises(FileExistsError, match="not empty"):
         export(str(tiny_checkpoint), str(tmp_path))
+
+
+def test_vision_feature_layer_list_exports_with_the_same_logits(tiny_bases):
+    # LLaVA concatenates the listed layers' features exactly as we do: a list is expressible, so it is not refused.
+    model, processor = build_tiny(tiny_bases, vision_feature_layer=[0, -1])
+    x = processor(images=[shape_image("green")], text="<image>What colour?", return_tensors="pt")
+    llava = to_llava(model)
+    assert llava.config.vision_feature_layer == [0, -1]
+    with torch.no_grad():
+        torch.testing.assert_close(llava(**x).logits, model(**x).logits)

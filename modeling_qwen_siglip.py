@@ -9,6 +9,15 @@ Notable:
 - `base_model_prefix = "model"` and `QwenSiglipModel` returns `last_hidden_state`: TRL's SFTTrainer swaps our
   forward for a fused LM head that calls `model.model(...)`, so nothing essential may live only in the top forward.
 - A frozen vision tower runs under `no_grad`: stage-1/2 training then keeps none of its activations.
+- transformers 5's model contract, as its LLaVA: `cache=` (not the deprecated `past_key_values=`), `return_dict=False`
+  tuples, `inputs_embeds` + `pixel_values` (placeholders found from the embeddings), `get_image_features` returning
+  an output object whose `pooler_output` holds the projected features, the `lm_head` tensor-parallel entry.
+- No parameter that nothing uses: SigLIP's post_layernorm is removed (an export writes an identity one for LLaVA),
+  since an unused trainable parameter fails DDP.
+- Decoding never raises over an image token: the builder's generation config suppresses `<|image_pad|>`, and with a
+  cache an image token without pixels stays a plain token, as in LLaVA.
+- Bad input is refused before torch sees it: ids outside the vocabulary, integer pixel_values (no processor), and
+  sequences past the LM's context (`check_inputs`).
 - `from_pretrained_parts` composes a fresh model from two pretrained bases, loading each strictly.
 """
 
@@ -131,7 +140,7 @@ class QwenSiglipModel(QwenSiglipPreTrainedModel):
         return BaseModelOutputWithPooling(
             last_hidden_state=out.last_hidden_state,
             pooler_output=list(projected),
-            hidden_states=out.hidden_states if kwargs.get("output_hidden_states") else None,
+            hidden_states=out.hidden_states,
         )
 
     def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
@@ -329,6 +338,9 @@ class QwenSiglipForConditionalGeneration(QwenSiglipPreTrainedModel, GenerationMi
         model.model.language_model.load_state_dict(lm.model.state_dict(), strict=True)
         if not config.tie_word_embeddings:  # a tied head already shares the embedding matrix just loaded
             model.lm_head.load_state_dict(lm.lm_head.state_dict(), strict=True)
+        # Only <|image_pad|> is suppressed: fed back, it is a placeholder with no image behind it (the one token
+        # the merge treats specially). <|vision_start|>/<|vision_end|> are plain tokens to the model; never trained
+        # as targets, they are unlikely, and harmless if produced (skip_special_tokens drops them from the text).
         model.generation_config.update(**_generation_defaults(lm), suppress_tokens=[config.image_token_id])
         model.config.name_or_path = ""
         return model

@@ -3,8 +3,10 @@
 Notable:
 - Both halves are ordinary transformers configs declared in `sub_configs_defaults` (exposed as `sub_configs`), so
   `attn_implementation=` and `dtype=` given to `from_pretrained` reach the vision tower and the LM alike.
-- Our own fields are few: the image token, which vision layer to read, the projector's activation and bias, and an
-  optional pixel shuffle. The number of image tokens per image is *derived* (`num_image_tokens`), never stored.
+- Our own fields are few: the image token, which vision layer(s) to read, the projector's activation and bias, and
+  an optional pixel shuffle. The number of image tokens per image is *derived* (`num_image_tokens`), never stored.
+- `vision_feature_layer` is an index into the tower's hidden_states or, as in LLaVA, a list of them whose features
+  are concatenated: the projector's input width is `vision hidden * len(layers) * pixel_shuffle_factor^2`.
 - Field names follow transformers' `LlavaConfig` where they mean the same thing, so an export to LLaVA is a copy.
 - Impossible combinations fail here, at construction, with a `ValueError` that says what to change.
 """
@@ -36,8 +38,8 @@ class QwenSiglipConfig(PreTrainedConfig):
     # Qwen's own <|image_pad|>: the pretrained vocabulary already has it, so embeddings never have to grow.
     image_token_id: int = 151655
     # LLaVA semantics: an index into the vision encoder's hidden_states tuple (-1 = last layer, before the final
-    # LayerNorm). SigLIP has no CLS token, so every patch is kept.
-    vision_feature_layer: int = -1
+    # LayerNorm), or a list of indices whose features are concatenated. SigLIP has no CLS token: every patch is kept.
+    vision_feature_layer: int | list[int] = -1
     # LLaVA's projector: Linear -> act -> Linear; GELU as in LLaVA-1.5.
     projector_hidden_act: str = "gelu"
     multimodal_projector_bias: bool = True
@@ -67,11 +69,13 @@ class QwenSiglipConfig(PreTrainedConfig):
                 f"pixel_shuffle_factor {s} does not divide the {self.grid_size}x{self.grid_size} patch grid "
                 f"(image_size {v.image_size} / patch_size {v.patch_size}); pick a divisor of {self.grid_size}"
             )
+        layers = self.vision_feature_layers
         n_states = v.num_hidden_layers + 1  # embeddings output + one per layer
-        if not -n_states <= self.vision_feature_layer < n_states:
+        if not layers or not all(isinstance(i, int) and -n_states <= i < n_states for i in layers):
             raise ValueError(
-                f"vision_feature_layer {self.vision_feature_layer} is out of range for a vision tower with "
-                f"{v.num_hidden_layers} layers (valid: {-n_states}..{n_states - 1})"
+                f"vision_feature_layer {self.vision_feature_layer!r} must be an index, or a non-empty list of "
+                f"indices, into the hidden states of a vision tower with {v.num_hidden_layers} layers (valid: "
+                f"{-n_states}..{n_states - 1})"
             )
         if not 0 <= self.image_token_id < t.vocab_size:
             raise ValueError(f"image_token_id {self.image_token_id} is outside the text vocabulary ({t.vocab_size})")
@@ -80,6 +84,12 @@ class QwenSiglipConfig(PreTrainedConfig):
     def grid_size(self) -> int:
         """Patches per side of the vision grid, e.g. 224 / 16 = 14."""
         return self.vision_config.image_size // self.vision_config.patch_size
+
+    @property
+    def vision_feature_layers(self) -> list[int]:
+        """`vision_feature_layer` as a list: the hidden states whose features are concatenated, in order."""
+        layer = self.vision_feature_layer
+        return list(layer) if isinstance(layer, (list, tuple)) else [layer]
 
     @property
     def num_image_tokens(self) -> int:

@@ -62,7 +62,8 @@ def llava_config(config: QwenSiglipConfig, image_token_id: int | None = None) ->
         text_config=text_config,
         image_token_index=config.image_token_id if image_token_id is None else image_token_id,
         image_seq_length=config.num_image_tokens,
-        vision_feature_layer=config.vision_feature_layer,  # same meaning: an index into hidden_states
+        # same meaning: an index into hidden_states, or a list of them whose features are concatenated
+        vision_feature_layer=config.vision_feature_layer,
         vision_feature_select_strategy="full",  # SigLIP has no CLS token: "default" would drop a real patch
         projector_hidden_act=config.projector_hidden_act,
         multimodal_projector_bias=config.multimodal_projector_bias,
@@ -80,7 +81,7 @@ def to_llava(
     # tensor is taken from `model` just below.
     with torch.device("meta"):
         llava = LlavaForConditionalGeneration(llava_config(model.config, image_token_id))
-    llava.load_state_dict(model.state_dict(), strict=True, assign=True)
+    llava.load_state_dict(model.state_dict() | _identity_post_layernorm(model), strict=True, assign=True)
     # Non-persistent buffers (RoPE frequencies, SigLIP position ids) are not in the state dict; the submodules are
     # the same classes under the same names, so take them from `model` as well.
     for name, buffer in model.named_buffers():
@@ -92,6 +93,19 @@ def to_llava(
         raise RuntimeError(f"LLaVA has tensors with no counterpart in the QwenSiglip model: {leftover}")
     llava.generation_config = copy.deepcopy(model.generation_config)
     return llava.train(model.training)
+
+
+def _identity_post_layernorm(model: QwenSiglipForConditionalGeneration) -> dict[str, torch.Tensor]:
+    """Weight 1, bias 0 for the SigLIP post-layernorm that LLaVA builds and we do not have.
+
+    LLaVA reads hidden_states, which come before that LayerNorm, so its values change no output; they only have
+    to exist for the folder to load cleanly (and an identity is the honest value for a layer that is not there).
+    """
+    like = model.model.vision_tower.embeddings.patch_embedding.weight  # the tower's dtype and device
+    width = model.config.vision_config.hidden_size
+    prefix = "model.vision_tower.post_layernorm."
+    ones = torch.ones(width, dtype=like.dtype, device=like.device)
+    return {prefix + "weight": ones, prefix + "bias": torch.zeros_like(ones)}
 
 
 def llava_processor(processor: QwenSiglipProcessor, config: QwenSiglipConfig) -> LlavaProcessor:

@@ -9,6 +9,15 @@ Notable:
 - `base_model_prefix = "model"` and `QwenSiglipModel` returns `last_hidden_state`: TRL's SFTTrainer swaps our
   forward for a fused LM head that calls `model.model(...)`, so nothing essential may live only in the top forward.
 - A frozen vision tower runs under `no_grad`: stage-1/2 training then keeps none of its activations.
+- transformers 5's model contract, as its LLaVA: `cache=` (not the deprecated `past_key_values=`), `return_dict=False`
+  tuples, `inputs_embeds` + `pixel_values` (placeholders found from the embeddings), `get_image_features` returning
+  an output object whose `pooler_output` holds the projected features, the `lm_head` tensor-parallel entry.
+- No parameter that nothing uses: SigLIP's post_layernorm is removed (an export writes an identity one for LLaVA),
+  since an unused trainable parameter fails DDP.
+- Decoding never raises over an image token: the builder's generation config suppresses `<|image_pad|>`, and with a
+  cache an image token without pixels stays a plain token, as in LLaVA.
+- Bad input is refused before torch sees it: ids outside the vocabulary, integer pixel_values (no processor), and
+  sequences past the LM's context (`check_inputs`).
 - `from_pretrained_parts` composes a fresh model from two pretrained bases, loading each strictly.
 """
 
@@ -16,8 +25,11 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 
 try:  # a saved checkpoint imports its sibling file as part of a dynamic package
     from .configuration_qwen_siglip import QwenSiglipConfig
@@ -43,7 +55,8 @@ class QwenSiglipMultiModalProjector(nn.Module):
 
     def __init__(self, config: QwenSiglipConfig):
         super().__init__()
-        in_features = config.vision_config.hidden_size * config.pixel_shuffle_factor**2
+        n_layers = len(config.vision_feature_layers)  # LLaVA concatenates several layers' features
+        in_features = config.vision_config.hidden_size * n_layers * config.pixel_shuffle_factor**2
         hidden = config.text_config.hidden_size
         self.linear_1 = nn.Linear(in_features, hidden, bias=config.multimodal_projector_bias)
         self.act = ACT2FN[config.projector_hidden_act]
@@ -59,7 +72,9 @@ class QwenSiglipPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
+    # Checkpoints saved before post_layernorm was dropped (see QwenSiglipModel) still hold its weights: unused.
+    _keys_to_ignore_on_load_unexpected = [r"vision_tower\.post_layernorm\."]
     _no_split_modules = ["SiglipEncoderLayer", "Qwen2DecoderLayer"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -74,6 +89,11 @@ class QwenSiglipModel(QwenSiglipPreTrainedModel):
     def __init__(self, config: QwenSiglipConfig):
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
+        # Pitfall: SigLIP's post_layernorm only makes `last_hidden_state`; we (and LLaVA, and vLLM) read
+        # `hidden_states[k]`, which come before it. Kept, its parameters would never get a gradient, and DDP with
+        # find_unused_parameters=False (the Trainer's choice under activation checkpointing) fails at step 2 once
+        # the tower trains. So it is not there at all; an export writes an identity LayerNorm for LLaVA instead.
+        self.vision_tower.post_layernorm = nn.Identity()
         self.multi_modal_projector = QwenSiglipMultiModalProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
@@ -84,8 +104,15 @@ class QwenSiglipModel(QwenSiglipPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(n_images, 3, H, W) pixels -> (n_images, num_image_tokens, text_hidden) LM-ready features."""
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor, vision_feature_layer: int | list[int] | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """(n_images, 3, H, W) pixels -> the tower's output, with `pooler_output` = the LM-ready features.
+
+        As transformers 5's VLMs do: `last_hidden_state`/`hidden_states` are the tower's (no post-layernorm), and
+        `pooler_output` is a list of n_images tensors (num_image_tokens, text_hidden), what the LM receives.
+        """
         vision = self.config.vision_config
         expected = (3, vision.image_size, vision.image_size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
@@ -93,20 +120,44 @@ class QwenSiglipModel(QwenSiglipPreTrainedModel):
                 f"pixel_values must have shape (num_images, {', '.join(map(str, expected))}), got "
                 f"{tuple(pixel_values.shape)}; use the model's processor to resize images"
             )
+        if not pixel_values.is_floating_point():
+            # uint8 pixels cast to float would be 0..255 where the tower expects normalised values around 0.
+            raise ValueError(
+                f"pixel_values have dtype {pixel_values.dtype}: raw integer pixels, the processor was skipped. Pass "
+                "images through the model's processor, which rescales and normalises them to floats"
+            )
+        layers = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        layers = layers if isinstance(layers, (list, tuple)) else [layers]
         pixel_values = pixel_values.to(self.vision_tower.dtype)
         # A frozen tower needs no activations kept for backward: run it without autograd (saves memory and time).
         tower_trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_tower.parameters())
         with torch.set_grad_enabled(tower_trains):
-            out = self.vision_tower(pixel_values, output_hidden_states=True)
-        features = out.hidden_states[self.config.vision_feature_layer]  # (n_images, N, Dv)
-        features = pixel_shuffle(features, self.config.pixel_shuffle_factor)  # (n_images, N/s^2, Dv*s^2)
-        return self.multi_modal_projector(features)  # (n_images, num_image_tokens, D)
+            out = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        # LLaVA: one layer's features, or several concatenated on the feature axis: (n_images, N, Dv * n_layers)
+        features = torch.cat([out.hidden_states[i] for i in layers], dim=-1)
+        features = pixel_shuffle(features, self.config.pixel_shuffle_factor)  # (n_images, N/s^2, Dv*n*s^2)
+        projected = self.multi_modal_projector(features)  # (n_images, num_image_tokens, D)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=out.last_hidden_state,
+            pooler_output=list(projected),
+            hidden_states=out.hidden_states,
+        )
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: where the image tokens are, from input_ids or, without them, from the embeddings (as LLaVA).
+
+        Pitfall: with inputs_embeds only, an image token is recognised by its embedding row, so embeddings that
+        already hold merged image features (or a modified image-token row) find no placeholders.
+        """
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        token = torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+        return (inputs_embeds == self.get_input_embeddings()(token)).all(-1)
 
     def merge_image_features(
-        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+        self, mask: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
     ) -> torch.Tensor:
-        """Write image features, in order, over the embeddings of the image tokens: (B, L, D) -> (B, L, D)."""
-        mask = input_ids == self.config.image_token_id  # (B, L)
+        """Write image features (n_images, T, D), in order, over the embeddings where `mask` (B, L) is True."""
         n_tokens, n_features = int(mask.sum()), image_features.shape[0] * image_features.shape[1]
         if n_tokens != n_features:
             raise ValueError(
@@ -118,37 +169,70 @@ class QwenSiglipModel(QwenSiglipPreTrainedModel):
         features = image_features.reshape(-1, inputs_embeds.shape[-1]).to(inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features)
 
+    def check_inputs(
+        self, input_ids: torch.Tensor | None, position_ids: torch.Tensor | None, past_length: int, length: int
+    ) -> None:
+        """ValueError for ids outside the vocabulary and for positions past the LM's context, before torch sees them.
+
+        Without this an out-of-range id is an IndexError deep in the embedding, and a sequence past
+        `max_position_embeddings` runs silently: RoPE extrapolates and the LM writes nonsense.
+        """
+        vocab = self.config.text_config.vocab_size
+        if input_ids is not None:
+            if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+                raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+                bad = ((input_ids < 0) | (input_ids >= vocab)).nonzero()[0].tolist()
+                raise ValueError(
+                    f"input_ids hold id {int(input_ids[tuple(bad)])} at position {tuple(bad)}, outside the LM's "
+                    f"vocabulary (0..{vocab - 1}); was the text encoded with another model's tokenizer?"
+                )
+        context = self.config.text_config.max_position_embeddings
+        end = int(position_ids.max()) + 1 if position_ids is not None else past_length + length
+        if end > context:
+            raise ValueError(
+                f"The sequence reaches position {end} ({past_length} cached + {length} new tokens), past the LM's "
+                f"context of {context} tokens (text_config.max_position_embeddings). Shorten the prompt, or lower "
+                "max_new_tokens so that prompt + new tokens fit."
+            )
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        past_length = cache.get_seq_length() if cache is not None else 0
+        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        self.check_inputs(input_ids, position_ids, past_length, length)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, L, D)
-            if pixel_values is not None:
-                inputs_embeds = self.merge_image_features(
-                    input_ids, inputs_embeds, self.get_image_features(pixel_values)
-                )
-            elif (input_ids == self.config.image_token_id).any():
-                raise ValueError(
-                    "Image features and image tokens do not match: the text holds image tokens but no pixel_values "
-                    "were given"
-                )
-        elif pixel_values is not None:
-            raise ValueError("pixel_values need input_ids to find the image tokens; inputs_embeds were given")
+        mask = self.get_placeholder_mask(input_ids, inputs_embeds)  # (B, L)
+        if pixel_values is not None and (mask.any() or past_length == 0):
+            features = self.get_image_features(pixel_values=pixel_values).pooler_output
+            inputs_embeds = self.merge_image_features(mask, inputs_embeds, torch.stack(features))
+        elif mask.any() and past_length == 0:
+            raise ValueError(
+                "Image features and image tokens do not match: the text holds image tokens but no pixel_values "
+                "were given"
+            )
+        # Otherwise, with a cache: pixel_values with no placeholder left in the new tokens were consumed at prefill
+        # (a continuation re-passing them), and an image token with no pixels (one the model generated, or a
+        # continuation's) stays a plain token embedding, as in LLaVA: decoding must never raise over it.
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             **kwargs,
         )
@@ -158,6 +242,8 @@ class QwenSiglipForConditionalGeneration(QwenSiglipPreTrainedModel, GenerationMi
     """The full VLM with its LM head: what `AutoModelForCausalLM`/`AutoModelForImageTextToText` load."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # Tensor parallelism (LLaVA's entry): each rank computes a slice of the vocabulary, then the logits are gathered.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: QwenSiglipConfig):
         super().__init__(config)
@@ -177,13 +263,22 @@ class QwenSiglipForConditionalGeneration(QwenSiglipPreTrainedModel, GenerationMi
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
 
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor, vision_feature_layer: int | list[int] | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        return self.model.get_image_features(
+            pixel_values=pixel_values, vision_feature_layer=vision_feature_layer, **kwargs
+        )
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -195,9 +290,10 @@ class QwenSiglipForConditionalGeneration(QwenSiglipPreTrainedModel, GenerationMi
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         hidden = out.last_hidden_state  # (B, L, D)
@@ -212,7 +308,7 @@ class QwenSiglipForConditionalGeneration(QwenSiglipPreTrainedModel, GenerationMi
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=out.past_key_values,
+            cache=out.cache,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
         )
@@ -224,8 +320,9 @@ class QwenSiglipForConditionalGeneration(QwenSiglipPreTrainedModel, GenerationMi
         """Compose a fresh model from a SigLIP checkpoint and a Qwen2 causal LM checkpoint (Hub ids or folders).
 
         Every base weight is loaded strictly: a missing or mis-shaped tensor raises. Only the projector starts
-        from random init. SigLIP's pooling head (and, for a full SigLIP checkpoint, its text half) is dropped on
-        purpose: the VLM never uses it, and unused parameters break DDP.
+        from random init. SigLIP's pooling head and post-layernorm (and, for a full SigLIP checkpoint, its text
+        half) are dropped on purpose: the VLM never uses them, and unused parameters break DDP. The generation
+        config suppresses the image token: a generated one would have no image behind it.
         """
         tower = _load_vision_base(vision, dtype)
         lm, lm_info = AutoModelForCausalLM.from_pretrained(text, dtype=dtype, output_loading_info=True)
@@ -235,11 +332,16 @@ class QwenSiglipForConditionalGeneration(QwenSiglipPreTrainedModel, GenerationMi
             config_kwargs["image_token_id"] = tokenizer.convert_tokens_to_ids("<|image_pad|>")
         config = QwenSiglipConfig(vision_config=tower.config, text_config=lm.config, **config_kwargs)
         model = cls(config).to(lm.dtype)
-        model.model.vision_tower.load_state_dict(tower.state_dict(), strict=True)
+        # strict, less the post-layernorm our tower does not have (QwenSiglipModel says why)
+        tower_weights = {k: v for k, v in tower.state_dict().items() if not k.startswith("post_layernorm.")}
+        model.model.vision_tower.load_state_dict(tower_weights, strict=True)
         model.model.language_model.load_state_dict(lm.model.state_dict(), strict=True)
         if not config.tie_word_embeddings:  # a tied head already shares the embedding matrix just loaded
             model.lm_head.load_state_dict(lm.lm_head.state_dict(), strict=True)
-        model.generation_config.update(**_generation_defaults(lm))
+        # Only <|image_pad|> is suppressed: fed back, it is a placeholder with no image behind it (the one token
+        # the merge treats specially). <|vision_start|>/<|vision_end|> are plain tokens to the model; never trained
+        # as targets, they are unlikely, and harmless if produced (skip_special_tokens drops them from the text).
+        model.generation_config.update(**_generation_defaults(lm), suppress_tokens=[config.image_token_id])
         model.config.name_or_path = ""
         return model
 

@@ -3,7 +3,8 @@
 Notable:
 - Nothing is downloaded: the vision base is a full `SiglipModel` (text half and pooling head included, as in
   google/siglip-base-patch16-224) with a PIL image processor; the text base is a `Qwen2ForCausalLM` with tied
-  embeddings and a byte-level BPE tokenizer trained here that carries Qwen's special tokens.
+  embeddings (as Qwen2.5-0.5B; `tie_word_embeddings=False` for an LM with its own head, as Qwen2.5-7B) and a
+  byte-level BPE tokenizer trained here that carries Qwen's special tokens.
 - Tests and the embedded quickstart then go through the same `from_pretrained_parts` path as the real bases.
 """
 
@@ -63,6 +64,7 @@ def save_tiny_bases(
     layers: int = 2,
     heads: int = 4,
     seed: int = 0,
+    tie_word_embeddings: bool = True,
 ) -> tuple[Path, Path]:
     """Save a tiny SigLIP base and a tiny Qwen2 base under `out_dir`; return (vision_dir, text_dir)."""
     out_dir = Path(out_dir)
@@ -89,7 +91,7 @@ def save_tiny_bases(
         num_key_value_heads=max(1, heads // 2),
         vocab_size=-(-len(tokenizer) // 64) * 64,  # padded like Qwen's 151936 > len(tokenizer)
         max_position_embeddings=1024,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
         eos_token_id=im_end,
         pad_token_id=pad,
         bos_token_id=None,

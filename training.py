@@ -60,7 +60,7 @@ COMMON_DEFAULTS = dict(
     save_total_limit=2,
     report_to="tensorboard",
     max_length=2048,
-    gradient_checkpointing=False,
+    activation_checkpointing=False,
 )
 # LLaVA-1.5 stage 1: only the projector learns, at a high rate, with a large batch.
 PRETRAIN_DEFAULTS = dict(
@@ -78,7 +78,7 @@ SFT_DEFAULTS = dict(
     learning_rate=2e-5,
     per_device_train_batch_size=16,
     global_batch_size=128,
-    gradient_checkpointing=True,
+    activation_checkpointing=True,
     output_dir="outputs/qwen-siglip-sft",
 )
 

@@ -485,7 +485,7 @@ def test_works_as_sft_trainer_train_dataset(tmp_path):
             remove_unused_columns=False,
             use_cpu=True,
             bf16=False,
-            gradient_checkpointing=False,
+            activation_checkpointing=False,
             report_to="none",
             save_strategy="no",
         )

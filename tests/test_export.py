@@ -273,7 +273,8 @@ def test_exported_folder_is_plain_llava_in_the_llava_hf_layout(exported, tiny):
     weights = load_file(exported / "model.safetensors")
     prefixes = ("language_model.model.", "vision_tower.vision_model.", "multi_modal_projector.")
     assert all(k.startswith(prefixes) for k in weights), [k for k in weights if not k.startswith(prefixes)]
-    assert len(weights) == len(model.state_dict()) - 1  # every tensor, the tied lm_head once
+    # every tensor, the tied lm_head once, plus the identity post-layernorm LLaVA builds and never reads
+    assert len(weights) == len(model.state_dict()) - 1 + 2
 
 
 def test_llava_config_of_the_published_architecture():
@@ -318,3 +319,13 @@ def test_export_refuses_a_folder_that_is_not_empty(tiny_checkpoint, tmp_path):
     (tmp_path / "modeling_qwen_siglip.py").write_text("# left from an earlier run\n")
     with pytest.raises(FileExistsError, match="not empty"):
         export(str(tiny_checkpoint), str(tmp_path))
+
+
+def test_vision_feature_layer_list_exports_with_the_same_logits(tiny_bases):
+    # LLaVA concatenates the listed layers' features exactly as we do: a list is expressible, so it is not refused.
+    model, processor = build_tiny(tiny_bases, vision_feature_layer=[0, -1])
+    x = processor(images=[shape_image("green")], text="<image>What colour?", return_tensors="pt")
+    llava = to_llava(model)
+    assert llava.config.vision_feature_layer == [0, -1]
+    with torch.no_grad():
+        torch.testing.assert_close(llava(**x).logits, model(**x).logits)

@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 python bench/bench.py              # CPU: fp32, batch 2, ~12 min on 2 idle cores
     HF_HUB_OFFLINE=1 python bench/bench.py --threads 1  # a 2-core machine shared with others: bench/results/cpu.json
-    HF_HUB_OFFLINE=1 python bench/bench.py --sections packing   # the packing section alone (~5 min on 2 idle cores)
+    HF_HUB_OFFLINE=1 python bench/bench.py --sections packing   # packing alone (~5 min): results/cpu-packing.json
     HF_HUB_OFFLINE=1 python bench/bench.py --quick      # smoke run (~3 min): 1 repeat, batch 1, generation batch 1
     python bench/bench.py --device cuda                 # GPU: bf16, batch 16, 64 new tokens, flash attention
     Flags for more: --batch-size, --repeats, --gen-repeats, --gen-batch-sizes, --new-tokens, --text-tokens, --workers,
@@ -120,7 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.gen_batch_sizes = [int(b) for b in args.gen_batch_sizes.split(",") if b]
     args.workers = [int(w) for w in args.workers.split(",") if w]
     args.sections = set(args.sections.split(","))
-    args.out = Path(args.out or ROOT / "bench" / "results" / f"{args.device.split(':')[0]}.json")
+    # A run of some sections only gets its own file: it must not overwrite a full run's results.
+    suffix = "" if args.sections >= {"train", "generate", "data", "packing"} else "-" + "-".join(sorted(args.sections))
+    args.out = Path(args.out or ROOT / "bench" / "results" / f"{args.device.split(':')[0]}{suffix}.json")
     return args
 
 

@@ -273,3 +273,21 @@ def test_group_by_length_and_padding_free_train_in_process(tiny_checkpoint, shap
         training.main(training.SFT_DEFAULTS, argv)
         assert (out / "model.safetensors").exists()
         assert json.loads((out / "config.json").read_text())["model_type"]
+
+
+@pytest.mark.parametrize(
+    "recipe, stage, on",
+    [
+        ("chinese_sft", "SFT_DEFAULTS", True),
+        ("lora_sft", "SFT_DEFAULTS", True),
+        ("cc3m_pretrain", "PRETRAIN_DEFAULTS", False),
+    ],
+)
+def test_recipes_turn_padding_free_on_for_mixed_length_stage2_only(recipe, stage, on):
+    import training
+
+    cpu = ["--use_cpu", "true", "--bf16", "false"]  # the GPU recipes ask for bf16, which refuses to parse on a CPU
+    _, args, _ = training.parse_args(
+        getattr(training, stage), ["--config", str(ROOT / "recipes" / f"{recipe}.yaml"), *cpu]
+    )
+    assert args.padding_free is on and args.packing is False

@@ -16,6 +16,7 @@ from export_llava import to_llava
 
 sys.path.insert(0, str(ROOT / "bench"))
 import bench_packing  # noqa: E402
+import report  # noqa: E402
 
 import bench  # noqa: E402
 
@@ -97,6 +98,25 @@ def test_length_mix_has_the_stated_shares_and_every_variant_trains_every_sample_
     for variant, batches in plans.items():
         assert sorted(i for b in batches for i in b) == list(range(20)), variant
     assert plans["llava"] == plans["ours-padded"] == plans["ours-padding-free"]  # the same batches, laid out twice
+
+
+def test_packing_section_runs_every_variant_on_the_same_samples(tiny, tmp_path):
+    model, processor = tiny
+    ours = copy.deepcopy(model)
+    llava = to_llava(ours)
+    bench.share_parameters(llava, ours)
+    gate = bench.QuietGate(0, 0, enabled=False)
+    args = SimpleNamespace(seed=0, pack_samples=5, pack_batch_size=2, pack_rows=1, pack_max_length=512,
+                           pack_repeats=1, device="cpu", dtype=torch.float32, gate=gate)  # fmt: skip
+    result = bench_packing.bench_packing({"ours": ours, "llava": llava}, processor, tmp_path, args)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == set(bench_packing.VARIANTS) and result["attn_implementation"] == "sdpa"
+    assert rows["llava"]["speed_vs_llava"] == 1.0
+    assert rows["ours-padding-free"]["pad_fraction"] == rows["ours-packed"]["pad_fraction"] == 0
+    assert rows["llava"]["pad_fraction"] == rows["ours-padded"]["pad_fraction"] > 0
+    assert rows["ours-packed"]["steps"] <= rows["ours-padding-free"]["steps"]
+    assert "forward" not in vars(ours)  # the fused-head patch is gone again
+    assert "| ours-packed |" in "\n".join(report.packing_table(result))
 
 
 def test_packing_targets_are_the_paired_ratios_against_llava_with_goal_1_5():

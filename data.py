@@ -609,6 +609,11 @@ class VLMDataset(_Records, torch.utils.data.Dataset):
         source, i = self.sources[self._source[idx]], self._row[idx]
         return self._example(source, i, *normalize(source.records[i], i))
 
+    def messages(self, idx: int) -> list[dict]:
+        """The chat messages of item `idx`, without opening its images (what packing needs for lengths)."""
+        source, i = self.sources[self._source[idx]], self._row[idx]
+        return normalize(source.records[i], i)[0]
+
     def to_hf(self) -> datasets.Dataset:
         """The same examples as a `datasets.Dataset`, for SFTTrainer. An example whose images fail to decode is
         replaced by the next one that works (counted in `late_skipped`), so a batch is never left empty."""

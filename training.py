@@ -34,7 +34,7 @@ import torch
 from transformers import TrainerCallback
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
-from collator import VLMCollator
+import packing
 from data import MAX_PIXELS, load_vlm_dataset
 from modeling_qwen_siglip import QwenSiglipForConditionalGeneration
 from processing_qwen_siglip import QwenSiglipProcessor
@@ -106,6 +106,7 @@ class ScriptArguments:
     global_batch_size: int | None = field(default=None, metadata={"help": "Sets gradient accumulation steps."})
     merge_adapter: bool = field(default=False, metadata={"help": "With --use_peft: save a merged plain model."})
     push_eval: bool = field(default=False, metadata={"help": "With --push_to_hub: upload <output_dir>/eval too."})
+    group_by_length: bool = field(default=False, metadata={"help": "Padded batches of samples of similar length."})
     license: str = "apache-2.0"
 
 
@@ -171,6 +172,7 @@ class QwenSiglipTrainer(SFTTrainer):
     """SFTTrainer with a separate projector learning rate and our own model card."""
 
     def __init__(self, *args, projector_lr: float | None = None, card_info: dict | None = None, **kwargs):
+        self.train_batch_sampler = kwargs.pop("train_batch_sampler", None)  # packing.py's; None: the Trainer's own
         self.projector_lr = projector_lr
         self.card_info = card_info or {}
         super().__init__(*args, **kwargs)
@@ -190,6 +192,11 @@ class QwenSiglipTrainer(SFTTrainer):
         param_groups = [{"params": p, "lr": lr, "weight_decay": wd} for (lr, wd), p in groups.items()]
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
+
+    def get_train_dataloader(self):
+        if self.train_batch_sampler is None:
+            return super().get_train_dataloader()
+        return packing.train_dataloader(self, self.train_batch_sampler)
 
     def create_model_card(self, *args, **kwargs) -> None:
         if self.is_world_process_zero():
@@ -299,7 +306,8 @@ def main(stage_defaults: dict, argv: list[str] | None = None, callbacks: list | 
         script_args.dataset_name, split=script_args.dataset_train_split, limit=script_args.max_samples, **load
     )
     evals = load_vlm_dataset(script_args.eval_dataset_name, **load) if script_args.eval_dataset_name else None
-    collator = VLMCollator(processor, max_length=training_args.max_length)
+    # --padding_free/--packing/--group_by_length: ours, since TRL refuses the first two for vision data.
+    collator, batch_sampler = packing.setup(training_args, script_args.group_by_length, model, processor, train)
     collator.strict = script_args.strict
 
     trainer = QwenSiglipTrainer(
@@ -310,6 +318,7 @@ def main(stage_defaults: dict, argv: list[str] | None = None, callbacks: list | 
         eval_dataset=evals.to_hf() if evals is not None else None,
         processing_class=processor,
         data_collator=collator,
+        train_batch_sampler=batch_sampler,
         peft_config=peft_config(model_args, script_args.train_modules) if model_args.use_peft else None,
         callbacks=[ProgressLog(), *(callbacks or [])],
         projector_lr=script_args.projector_lr,

@@ -6,6 +6,7 @@ Speed itself is never asserted here (the benchmark prints it); the end-to-end sm
 import copy
 import json
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,9 @@ from conftest import ROOT, shape_image, user_turn
 from export_llava import to_llava
 
 sys.path.insert(0, str(ROOT / "bench"))
+import bench_packing  # noqa: E402
+import report  # noqa: E402
+
 import bench  # noqa: E402
 
 
@@ -81,6 +85,51 @@ def test_targets_say_met_missed_or_within_noise():
     assert data["value"] == pytest.approx(3.0 / 1.9) and not data["met"]  # the fastest step sets the bar
 
 
+def test_length_mix_has_the_stated_shares_and_every_variant_trains_every_sample_once(tiny, tmp_path):
+    _, processor = tiny
+    path, counts = bench_packing.make_mix_data(tmp_path, 20, seed=0)
+    assert counts == {"caption": 10, "short_vqa": 6, "long_multi_turn": 4}
+    kinds = [r["kind"] for r in json.loads(path.read_text())]
+    assert sorted(kinds) == sorted(k for k, c in counts.items() for _ in range(c))
+    lengths = [100 + 37 * i % 900 for i in range(20)]
+    args = SimpleNamespace(seed=0, pack_batch_size=4, pack_max_length=1024, pack_rows=1)
+    plans = bench_packing.plan_batches(lengths, args)
+    assert set(plans) == set(bench_packing.VARIANTS)
+    for variant, batches in plans.items():
+        assert sorted(i for b in batches for i in b) == list(range(20)), variant
+    assert plans["llava"] == plans["ours-padded"] == plans["ours-padding-free"]  # the same batches, laid out twice
+
+
+def test_packing_section_runs_every_variant_on_the_same_samples(tiny, tmp_path):
+    model, processor = tiny
+    ours = copy.deepcopy(model)
+    llava = to_llava(ours)
+    bench.share_parameters(llava, ours)
+    gate = bench.QuietGate(0, 0, enabled=False)
+    args = SimpleNamespace(seed=0, pack_samples=5, pack_batch_size=2, pack_rows=1, pack_max_length=512,
+                           pack_repeats=1, device="cpu", dtype=torch.float32, gate=gate)  # fmt: skip
+    result = bench_packing.bench_packing({"ours": ours, "llava": llava}, processor, tmp_path, args)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == set(bench_packing.VARIANTS) and result["attn_implementation"] == "sdpa"
+    assert rows["llava"]["speed_vs_llava"] == 1.0
+    assert rows["ours-padding-free"]["pad_fraction"] == rows["ours-packed"]["pad_fraction"] == 0
+    assert rows["llava"]["pad_fraction"] == rows["ours-padded"]["pad_fraction"] > 0
+    assert rows["ours-packed"]["steps"] <= rows["ours-padding-free"]["steps"]
+    assert "forward" not in vars(ours)  # the fused-head patch is gone again
+    assert "| ours-packed |" in "\n".join(report.packing_table(result))
+
+
+def test_packing_targets_are_the_paired_ratios_against_llava_with_goal_1_5():
+    rows = [
+        {"variant": "ours-padding-free", "speed_vs_llava": 1.6, "speed_vs_llava_range": [1.5, 1.7]},
+        {"variant": "ours-packed", "speed_vs_llava": 1.4, "speed_vs_llava_range": [1.3, 1.45]},
+    ]
+    got = {t["target"]: t for t in bench.targets({"packing": {"rows": rows}})}
+    free, packed = got["stage 2: samples/s, padding-free, length mix"], got["stage 2: samples/s, packed, length mix"]
+    assert free["goal"] == packed["goal"] == 1.5
+    assert free["met"] and not packed["met"] and not packed["within_noise"]
+
+
 @pytest.mark.slow
 def test_quick_benchmark_runs_end_to_end_at_full_size(tmp_path, capsys):
     out = tmp_path / "cpu.json"
@@ -93,4 +142,5 @@ def test_quick_benchmark_runs_end_to_end_at_full_size(tmp_path, capsys):
         "stage 2",
         "decode tokens/s, batch 1",
     }
+    assert {r["variant"] for r in results["packing"]["rows"]} == set(bench_packing.VARIANTS)
     assert "| target | measured | goal | met |" in capsys.readouterr().out

@@ -85,7 +85,7 @@ def share_parameters(dst: torch.nn.Module, src: torch.nn.Module) -> list[str]:
         owner, _, leaf = name.rpartition(".")
         if name in src_params and src_params[name].shape == p.shape:
             setattr(dst.get_submodule(owner), leaf, src_params[name])
-        else:
+        elif ".post_layernorm." not in name:  # LLaVA builds SigLIP's final LayerNorm but reads features before it
             unmatched.append(name)
     for name, b in list(dst.named_buffers()):
         owner, _, leaf = name.rpartition(".")

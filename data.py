@@ -70,8 +70,8 @@ class BadRecord(ValueError):
 def split_placeholders(text: str) -> list[dict]:
     """'<image>\\nWhat is this?' -> [{'type': 'image'}, {'type': 'text', 'text': 'What is this?'}].
 
-    Splits on the processor's own rule (a newline on either side belongs to the placeholder), so a raw inference
-    prompt "<image>\\nWhat is this?" tokenizes exactly as this record does after the chat template.
+    Splits on the processor's own rule (the newline right after `<image>` belongs to it), so a raw inference prompt
+    "<image>\\nWhat is this?" tokenizes exactly as this record does after the chat template.
     """
     pieces = LLAVA_PLACEHOLDER_RE.split(text)
     content = []

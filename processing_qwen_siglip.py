@@ -5,7 +5,7 @@ Notable:
   expanded to `num_image_tokens` copies (196 for SigLIP-base-224) by transformers' generic `ProcessorMixin.__call__`.
   All three are tokens of Qwen's own vocabulary.
 - Raw text given to `processor(text=...)` is the template's own language: `<image>` (LLaVA's placeholder) or the
-  triple is an image, any other special-token string is that control token. `\n?<image>\n?` is one rule shared with
+  triple is an image, any other special-token string is that control token. `<image>\n?` is one rule shared with
   data.split_placeholders, so "<image>\nQuestion" gives exactly the tokens a training record with it gave.
 - Text inside chat messages is always text: the template escapes `<|` and `<image>` with a zero-width space, so a
   typed `<|im_start|>assistant\n`, `<|image_pad|>` or `<image>` never becomes a control token, an image or a target.
@@ -24,10 +24,11 @@ from transformers.image_utils import make_flat_list_of_images
 
 IMAGE_TOKEN = "<|image_pad|>"
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"  # one image, before expansion
-# LLaVA's `<image>` in raw text is one image, and a newline on either side of it belongs to the placeholder: LLaVA
-# writes "<image>\nQuestion" where our template writes the image right before the text. data.split_placeholders
-# splits training records on this same pattern, so raw prompts and training prompts tokenize alike.
-LLAVA_PLACEHOLDER_RE = re.compile(r"\n?<image>\n?")
+# LLaVA's `<image>` in raw text is one image, and the newline right after it belongs to the placeholder: LLaVA writes
+# "<image>\nQuestion" where our template writes the image right before the text. (Not a newline before it: in a raw
+# prompt that is the template's own "<|im_start|>user\n".) data.split_placeholders splits training records on this
+# same pattern, so raw prompts and training prompts tokenize alike.
+LLAVA_PLACEHOLDER_RE = re.compile(r"<image>\n?")
 
 # Typed special tokens in chat text: a zero-width space after the '<' of `<|...|>` and of `<image>` keeps them plain
 # text (they tokenize as ordinary characters), so no user or assistant text can open a turn, end one, or add an image.

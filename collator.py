@@ -92,6 +92,7 @@ class VLMCollator:
         An answer segment is one assistant turn's text + `<|im_end|>`; the segments between (system and user turns,
         each `<|im_start|>assistant\\n` header, the newline after an `<|im_end|>`) are prompt. Joined: the chat.
         """
+        # transformers' own renderer, the one apply_chat_template uses; it returns the spans that tokenize=False drops.
         (chat,), (spans,) = render_jinja_template(
             conversations=[messages],
             chat_template=self.processor.chat_template,

@@ -4,8 +4,13 @@ Notable:
 - Labels are built here, not in the model: during training TRL replaces the model's forward with a fused LM head
   that never sees our top-level forward. Only assistant tokens are targets (every assistant turn of a multi-turn
   chat, its closing `<|im_end|>` included). System and user text, image tokens and padding are -100.
-- Assistant spans are found in token space (`<|im_start|>assistant\\n` ... `<|im_end|>`), so they are exact whatever
-  the tokenizer merges around them.
+- Assistant spans come from the message structure, not from token patterns: the chat template marks each answer
+  with `{% generation %}`, the rendered chat is cut at those spans and each segment is tokenized on its own. A
+  prompt segment ends with `<|im_start|>assistant\\n`, exactly what generate() continues from at inference; the
+  labels are exactly the answer segment's tokens (its text + `<|im_end|>`), whatever the user wrote.
+- Pitfall this avoids: tokenized whole, Qwen's BPE merges the header's "\\n" with an answer's leading "\\n" into
+  one token ("\\n\\n"), so a search for the header tokens misses that answer; and a user's typed
+  `<|im_start|>assistant\\n` would pose as a header (the template escapes typed special tokens).
 - Truncation never cuts through an image: an over-long sample loses only text after its last image; if even that
   is not enough, or nothing trainable is left, the sample is skipped and counted.
 - `None` examples (images that failed to decode in the dataset) are dropped and counted too. A batch whose examples
@@ -13,12 +18,17 @@ Notable:
 """
 
 import logging
+import re
 from collections import Counter
 
 import torch
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from processing_qwen_siglip import IMAGE_TOKEN
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 class VLMCollator:
@@ -30,9 +40,10 @@ class VLMCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         tok = processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.header = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)  # opens an assistant turn
-        self.im_end = tok.convert_tokens_to_ids("<|im_end|>")
         self.vision_end = tok.convert_tokens_to_ids("<|vision_end|>")
+        self.vision_ids = set(tok.convert_tokens_to_ids(["<|vision_start|>", IMAGE_TOKEN, "<|vision_end|>"]))
+        if not GENERATION_TAG.search(processor.chat_template or ""):
+            raise ValueError("The processor's chat template must mark assistant turns with {% generation %}")
         self.skipped: Counter = Counter()
 
     strict = False  # training.main sets it from --strict: an all-bad batch raises instead of being replaced
@@ -65,14 +76,20 @@ class VLMCollator:
         """Token ids, labels and pixel values of one example, truncated safely; None (counted) if unusable."""
         if example is None or example.get("messages") is None:  # data.to_hf() gives all-None fields
             return self._skip("undecodable_image")
-        text = self.processor.apply_chat_template(example["messages"])
-        try:  # the processor expands each image placeholder and checks placeholders against images
-            enc = self.processor(text=text, images=example["images"] or None, return_tensors="pt")
+        segments = self.segments(example["messages"])
+        if not any(answer for _, answer in segments):
+            return self._skip("no_assistant_tokens_left")
+        texts, is_answer = zip(*segments)
+        try:  # one processor call for all segments: it expands each image placeholder and checks them against images
+            enc = self.processor(text=list(texts), images=example["images"] or None)
         except ValueError as err:
             logger.warning(f"Bad example: {err}")
             return self._skip("placeholder_image_mismatch")
-        ids = enc["input_ids"][0].tolist()
-        labels = self.assistant_labels(ids)
+        ids, labels = [], []
+        for segment, answer in zip(enc["input_ids"], is_answer):  # one unpadded list of ids per segment
+            ids += segment
+            labels += [t if answer and t not in self.vision_ids else IGNORE_INDEX for t in segment]
+        pixels = [torch.as_tensor(p) for p in enc.get("pixel_values", [])]  # (3, H, W) each, in order
         if self.max_length is not None and len(ids) > self.max_length:
             last_image_end = max((i for i, t in enumerate(ids) if t == self.vision_end), default=-1)
             if last_image_end >= self.max_length:
@@ -80,23 +97,27 @@ class VLMCollator:
             ids, labels = ids[: self.max_length], labels[: self.max_length]
         if all(label == IGNORE_INDEX for label in labels):
             return self._skip("no_assistant_tokens_left")
-        return ids, labels, list(enc.get("pixel_values", []))
+        return ids, labels, pixels
 
-    def assistant_labels(self, ids: list[int]) -> list[int]:
-        """Copy ids inside assistant turns (after the header, through `<|im_end|>`); everything else -100."""
-        labels = [IGNORE_INDEX] * len(ids)
-        n, i = len(self.header), 0
-        while i < len(ids):
-            if ids[i : i + n] == self.header:
-                i += n
-                while i < len(ids):
-                    labels[i] = ids[i]
-                    i += 1
-                    if ids[i - 1] == self.im_end:
-                        break
-            else:
-                i += 1
-        return labels
+    def segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        """The rendered chat cut at the template's `{% generation %}` spans: [(text, is_answer), ...] in order.
+
+        An answer segment is one assistant turn's text + `<|im_end|>`; the segments between (system and user turns,
+        each `<|im_start|>assistant\\n` header, the newline after an `<|im_end|>`) are prompt. Joined: the chat.
+        """
+        # transformers' own renderer, the one apply_chat_template uses; it returns the spans that tokenize=False drops.
+        (chat,), (spans,) = render_jinja_template(
+            conversations=[messages],
+            chat_template=self.processor.chat_template,
+            return_assistant_tokens_mask=True,  # records the character span of every {% generation %} block
+            **self.processor.tokenizer.special_tokens_map,
+        )
+        segments, start = [], 0
+        for begin, end in spans:
+            segments += [(chat[start:begin], False), (chat[begin:end], True)]
+            start = end
+        segments.append((chat[start:], False))
+        return [(text, is_answer) for text, is_answer in segments if text]
 
     def pad(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
         """Right-pad to the longest row (rounded up to pad_to_multiple_of): (B, L) tensors."""

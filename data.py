@@ -51,6 +51,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from processing_qwen_siglip import LLAVA_PLACEHOLDER_RE
+
 log = logging.getLogger(__name__)
 
 IMAGE = "<image>"
@@ -84,15 +86,16 @@ class BadRecord(ImageRefused):
 
 
 def split_placeholders(text: str) -> list[dict]:
-    """'<image>\\nWhat is this?' -> [{'type': 'image'}, {'type': 'text', 'text': 'What is this?'}]."""
-    pieces = text.split(IMAGE)
+    """'<image>\\nWhat is this?' -> [{'type': 'image'}, {'type': 'text', 'text': 'What is this?'}].
+
+    Splits on the processor's own rule (the newline right after `<image>` belongs to it), so a raw inference prompt
+    "<image>\\nWhat is this?" tokenizes exactly as this record does after the chat template.
+    """
+    pieces = LLAVA_PLACEHOLDER_RE.split(text)
     content = []
     for k, piece in enumerate(pieces):
         if k > 0:
             content.append({"type": "image"})
-            piece = piece.removeprefix("\n")  # that newline only separated the placeholder from the text
-        if k < len(pieces) - 1:
-            piece = piece.removesuffix("\n")
         if piece:
             content.append({"type": "text", "text": piece})
     return content

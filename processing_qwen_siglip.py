@@ -4,28 +4,44 @@ Notable:
 - An image is written `<|vision_start|><|image_pad|><|vision_end|>` in text and the single `<|image_pad|>` is
   expanded to `num_image_tokens` copies (196 for SigLIP-base-224) by transformers' generic `ProcessorMixin.__call__`.
   All three are tokens of Qwen's own vocabulary.
-- The literal `<image>` placeholder of LLaVA-style datasets is accepted in raw text and means the same thing.
+- Raw text given to `processor(text=...)` is the template's own language: `<image>` (LLaVA's placeholder) or the
+  triple is an image, any other special-token string is that control token. `<image>\n?` is one rule shared with
+  data.split_placeholders, so "<image>\nQuestion" gives exactly the tokens a training record with it gave.
+- Text inside chat messages is always text: the template escapes `<|` and `<image>` with a zero-width space, so a
+  typed `<|im_start|>assistant\n`, `<|image_pad|>` or `<image>` never becomes a control token, an image or a target.
 - The chat template is Qwen ChatML with `{"type": "image"}` / `{"type": "text"}` content; assistant turns sit
-  inside `{% generation %}` (end-of-turn token included) so TRL and `return_assistant_tokens_mask` can find them.
-- No default system prompt is injected: what the template renders is exactly what the messages say.
+  inside `{% generation %}` (end-of-turn token included) so TRL, `return_assistant_tokens_mask` and our collator
+  find them.
+- No default system prompt is injected (Qwen2.5-Instruct's template adds one): what the template renders is exactly
+  what the messages say.
 - Placeholder/image count mismatches are caught per sample, before any tokenizing, with a message that says which.
 """
+
+import re
 
 from transformers import AutoTokenizer, ProcessorMixin, SiglipImageProcessorPil
 from transformers.image_utils import make_flat_list_of_images
 
 IMAGE_TOKEN = "<|image_pad|>"
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"  # one image, before expansion
-LLAVA_PLACEHOLDER = "<image>"
+# LLaVA's `<image>` in raw text is one image, and the newline right after it belongs to the placeholder: LLaVA writes
+# "<image>\nQuestion" where our template writes the image right before the text. (Not a newline before it: in a raw
+# prompt that is the template's own "<|im_start|>user\n".) data.split_placeholders splits training records on this
+# same pattern, so raw prompts and training prompts tokenize alike.
+LLAVA_PLACEHOLDER_RE = re.compile(r"<image>\n?")
 
+# Typed special tokens in chat text: a zero-width space after the '<' of `<|...|>` and of `<image>` keeps them plain
+# text (they tokenize as ordinary characters), so no user or assistant text can open a turn, end one, or add an image.
 CHAT_TEMPLATE = (
+    "{%- macro text_of(s) -%}{{- s | replace('<|', '<\u200b|') | replace('<image>', '<\u200bimage>') -}}"
+    "{%- endmacro -%}"
     "{%- for message in messages -%}"
     "{{- '<|im_start|>' + message['role'] + '\n' -}}"
-    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+    "{%- if message['content'] is string -%}{%- set text = text_of(message['content']) -%}"
     "{%- else -%}{%- set ns = namespace(text='') -%}"
     "{%- for item in message['content'] -%}"
     "{%- if item['type'] == 'image' -%}{%- set ns.text = ns.text + '<|vision_start|><|image_pad|><|vision_end|>' -%}"
-    "{%- elif item['type'] == 'text' -%}{%- set ns.text = ns.text + item['text'] -%}{%- endif -%}"
+    "{%- elif item['type'] == 'text' -%}{%- set ns.text = ns.text + text_of(item['text']) -%}{%- endif -%}"
     "{%- endfor -%}{%- set text = ns.text -%}{%- endif -%}"
     "{%- if message['role'] == 'assistant' -%}"
     "{% generation %}{{ text + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
@@ -49,7 +65,7 @@ class QwenSiglipProcessor(ProcessorMixin):
     def __call__(self, images=None, text=None, **kwargs):
         if text is not None:
             text = [text] if isinstance(text, str) else list(text)
-            text = [sample.replace(LLAVA_PLACEHOLDER, IMAGE_PLACEHOLDER) for sample in text]
+            text = [LLAVA_PLACEHOLDER_RE.sub(IMAGE_PLACEHOLDER, sample) for sample in text]
             self._check_placeholder_counts(images, text)
         elif images is not None:
             raise ValueError("Images need text with one image placeholder each (e.g. '<image>\\nDescribe it.')")

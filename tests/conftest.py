@@ -161,3 +161,59 @@ def quickstart_run(tmp_path_factory) -> dict:
 
 
 QUICKSTART_SMALL = ["--n-pretrain", "2000", "--n-sft", "8000", "--n-test", "200"]
+
+
+# ----------------------------------------------------------------------------- the real Qwen tokenizer
+
+# Qwen's own BPE (see its README): a tokenizer trained in code hides real merges, e.g. "\n\n" as one token.
+QWEN_TOKENIZER = ROOT.parent / "shared" / "qwen-tokenizer"
+
+
+@pytest.fixture(scope="session")
+def qwen_bases(tiny_bases, tmp_path_factory) -> tuple[Path, Path]:
+    """(vision_dir, text_dir): the tiny SigLIP and a random tiny Qwen2 with Qwen2.5's vocabulary and tokenizer."""
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    if not (QWEN_TOKENIZER / "tokenizer.json").is_file():
+        why = f"the real Qwen tokenizer is missing: expected tokenizer.json in {QWEN_TOKENIZER}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)  # CI always has it: a silent skip there would hide every real-BPE test
+        pytest.skip(why)
+    text_dir = tmp_path_factory.mktemp("qwen_bases") / "qwen2"
+    text_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # its chat_template is Qwen3's: ours replaces it
+        shutil.copy(QWEN_TOKENIZER / name, text_dir / name)
+    tok = AutoTokenizer.from_pretrained(text_dir)
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        vocab_size=151936,  # Qwen2.5-0.5B's embedding rows, more than the tokenizer's 151,669 entries
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+        bos_token_id=None,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(text_dir)
+    GenerationConfig(
+        eos_token_id=[config.eos_token_id, config.pad_token_id], pad_token_id=config.pad_token_id
+    ).save_pretrained(text_dir)
+    return tiny_bases[0], text_dir
+
+
+@pytest.fixture(scope="session")
+def qwen_tiny(qwen_bases):
+    """A tiny model with Qwen2.5's vocabulary and real tokenizer (eval mode), and its processor. Do not modify."""
+    return build_tiny(qwen_bases, spread=False)
+
+
+@pytest.fixture(params=["tiny", "qwen"])
+def each_processor(request):
+    """The processor of `tiny` (a BPE trained in code) and of `qwen_tiny` (Qwen's real BPE): run a test with both."""
+    return request.getfixturevalue("tiny" if request.param == "tiny" else "qwen_tiny")[1]

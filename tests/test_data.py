@@ -83,7 +83,7 @@ def colors(example: dict) -> list[tuple]:
 def test_placeholders_split_into_typed_content_keeping_other_text_exactly():
     assert split_placeholders("<image>\nWhat is this?") == [IMG, TXT("What is this?")]
     assert split_placeholders("Compare <image> and <image>.") == [TXT("Compare "), IMG, TXT(" and "), IMG, TXT(".")]
-    assert split_placeholders("Look:\n<image>\n\n  Why?") == [TXT("Look:"), IMG, TXT("\n  Why?")]
+    assert split_placeholders("Look:\n<image>\n\n  Why?") == [TXT("Look:\n"), IMG, TXT("\n  Why?")]
     assert split_placeholders("no image here\n") == [TXT("no image here\n")]
 
 

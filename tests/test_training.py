@@ -1,5 +1,5 @@
-"""Training: labels, both stages, LoRA, push without secrets, launchers (torchrun, accelerate, two nodes, FSDP2),
-resume after a crash (half-written checkpoints too), quickstart."""
+"""Training: both stages, LoRA, push without secrets, launchers (torchrun, accelerate, two nodes, FSDP2), resume
+after a crash (half-written checkpoints too), quickstart. Labels and truncation: test_labels.py."""
 
 import json
 import os
@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig
 
 import training
-from collator import IGNORE_INDEX, VLMCollator
+from collator import VLMCollator
 
 RUNNER = str(ROOT / "tests" / "stage_runner.py")
 FAKE_TOKEN = "hf_FAKEtokenThatMustNeverBeWrittenAnywhere0123"
@@ -33,61 +33,7 @@ def chat(*turns: str, system: str | None = None, images: int = 1) -> dict:
     return {"messages": messages, "images": [shape_image(c) for c in ["red", "blue", "green"][:images]]}
 
 
-def label_spans(processor, labels: torch.Tensor) -> list[str]:
-    """The labelled stretches of one row, decoded: what the loss actually trains on."""
-    spans, current = [], []
-    for token in labels.tolist() + [IGNORE_INDEX]:
-        if token != IGNORE_INDEX:
-            current.append(token)
-        elif current:
-            spans.append(processor.tokenizer.decode(current))
-            current = []
-    return spans
-
-
-# ----------------------------------------------------------------------------- labels and the collator
-
-
-def test_labels_are_the_assistant_answers_of_every_turn_with_end_of_turn(tiny):
-    _, processor = tiny
-    example = chat("what colour", "red square", "and the shape", "square", system="be brief")
-    batch = VLMCollator(processor)([example])
-    assert label_spans(processor, batch["labels"][0]) == ["red square<|im_end|>", "square<|im_end|>"]
-
-
-def test_image_tokens_system_user_and_padding_are_never_labels(tiny):
-    _, processor = tiny
-    collator = VLMCollator(processor)
-    batch = collator([chat("a much longer question about the picture", "yes"), chat("hi", "no", images=2)])
-    labels, ids, mask = batch["labels"], batch["input_ids"], batch["attention_mask"]
-    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    assert (labels[ids == image_token] == IGNORE_INDEX).all()
-    assert (labels[mask == 0] == IGNORE_INDEX).all() and (mask == 0).any()  # right padding exists and is ignored
-    assert [label_spans(processor, row) for row in labels] == [["yes<|im_end|>"], ["no<|im_end|>"]]
-    assert batch["pixel_values"].shape[0] == 3  # 1 + 2 images, in order
-
-
-def test_truncation_cuts_only_text_after_the_last_image(tiny):
-    _, processor = tiny
-    example = chat("describe", "red " * 40)
-    full = VLMCollator(processor, max_length=None)([example])["labels"][0]
-    cut = int((full != IGNORE_INDEX).nonzero()[0]) + 5  # keep the image and the answer's first 5 tokens
-    batch = VLMCollator(processor, max_length=cut)([example])
-    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    assert batch["input_ids"].shape[1] == cut
-    assert int((batch["input_ids"] == image_token).sum()) == processor.num_image_tokens  # the image is whole
-    (kept,) = label_spans(processor, batch["labels"][0])
-    assert kept.strip() and ("red " * 40).startswith(kept) and len(kept) < len("red " * 40)
-
-
-def test_sample_whose_image_would_be_cut_is_skipped_and_counted(tiny):
-    _, processor = tiny
-    collator = VLMCollator(processor, max_length=15)  # shorter than the 16 image tokens themselves
-    examples = [chat("describe", "red"), None, {"messages": None, "images": None}, chat("hi", "ok", images=0)]
-    batch = collator(examples)
-    assert collator.skipped == {"too_long_image_would_be_cut": 1, "undecodable_image": 2}
-    assert batch["input_ids"].shape[0] == 1 and "pixel_values" not in batch  # only the text-only chat is left
-    assert label_spans(processor, batch["labels"][0]) == ["ok<|im_end|>"]
+# ----------------------------------------------------------------------------- the collator (labels: test_labels.py)
 
 
 def test_batch_of_only_bad_examples_raises_with_reasons(tiny):
@@ -95,16 +41,6 @@ def test_batch_of_only_bad_examples_raises_with_reasons(tiny):
     collator = VLMCollator(processor, max_length=12)
     with pytest.raises(ValueError, match="too_long_image_would_be_cut"):
         collator([chat("describe", "red")])
-
-
-def test_placeholder_image_mismatch_is_skipped_not_trained(tiny):
-    _, processor = tiny
-    collator = VLMCollator(processor)
-    bad = chat("two pictures?", "no")
-    bad["images"] = bad["images"] * 2  # one placeholder, two images
-    batch = collator([bad, chat("one picture", "yes")])
-    assert collator.skipped["placeholder_image_mismatch"] == 1
-    assert batch["input_ids"].shape[0] == 1 and batch["pixel_values"].shape[0] == 1
 
 
 # ----------------------------------------------------------------------------- recipes and arguments

@@ -27,8 +27,9 @@ IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"  # one image, 
 # LLaVA's `<image>` in raw text is one image, and the newline right after it belongs to the placeholder: LLaVA writes
 # "<image>\nQuestion" where our template writes the image right before the text. (Not a newline before it: in a raw
 # prompt that is the template's own "<|im_start|>user\n".) data.split_placeholders splits training records on this
-# same pattern, so raw prompts and training prompts tokenize alike.
-LLAVA_PLACEHOLDER_RE = re.compile(r"<image>\n?")
+# same pattern, so raw prompts and training prompts tokenize alike. An `<image>` already wrapped in the vision tokens
+# (how the LLaVA export's template writes it) is the same one image, not wrapped twice.
+LLAVA_PLACEHOLDER_RE = re.compile(r"(?:<\|vision_start\|>)?<image>(?:<\|vision_end\|>)?\n?")
 
 # Typed special tokens in chat text: a zero-width space after the '<' of `<|...|>` and of `<image>` keeps them plain
 # text (they tokenize as ordinary characters), so no user or assistant text can open a turn, end one, or add an image.

@@ -54,6 +54,13 @@ def test_llava_image_literal_means_one_image_and_takes_the_newline_after_it(tiny
     assert llava["input_ids"] == typed["input_ids"]
 
 
+def test_image_literal_already_wrapped_in_vision_tokens_is_one_image_not_wrapped_twice(tiny):
+    _, processor = tiny  # the LLaVA export's raw form: <|vision_start|><image><|vision_end|>
+    wrapped = processor(images=[shape_image()], text="<|vision_start|><image><|vision_end|>Describe it.")
+    typed = processor(images=[shape_image()], text="<|vision_start|><|image_pad|><|vision_end|>Describe it.")
+    assert wrapped["input_ids"] == typed["input_ids"]
+
+
 @pytest.mark.parametrize("question", ["<image>\nWhat colour?", "What colour?\n<image>"])
 def test_raw_llava_prompt_tokenizes_like_the_training_record(each_processor, question):
     processor, image = each_processor, shape_image()

@@ -342,11 +342,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--write_card", action="store_true", help="put the scores into <model>/README.md as model-index metadata"
     )
+    parser.add_argument(
+        "--push_to_hub", metavar="REPO_ID", default=None,
+        help="then upload the model folder (its card with the scores) as training pushes it: eval/ stays local",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
         remote_code_allowed(args.model, args.trust_remote_code)  # before any download or data loading
-        if args.write_card and not Path(args.model).is_dir():
-            raise ValueError("--write_card updates <model>/README.md, so --model must be a local folder")
+        if (args.write_card or args.push_to_hub) and not Path(args.model).is_dir():
+            raise ValueError("--write_card and --push_to_hub work on <model>, so --model must be a local folder")
         scorers = dict(load_scorer(spec) for spec in args.scorer)
     except (ValueError, ImportError, AttributeError) as e:
         parser.error(str(e))
@@ -374,6 +378,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.write_card:
         card = write_model_index(args.model, s, args.dataset, args.split, args.limit)
         print(f"scores written to {card.name}'s model-index; push the folder to show them on the Hub")
+    if args.push_to_hub:
+        from training import push_folder  # the same upload as training's: no checkpoints, args or eval/ folder
+
+        print(f"pushed: {push_folder(Path(args.model), args.push_to_hub)}")
     return result
 
 

@@ -1,6 +1,7 @@
 """evaluate.py: answer normalisation, caption scores, and the CLI with its blind baseline."""
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import shape_image
@@ -167,3 +168,23 @@ def test_scorers_add_a_metric_with_its_blind_baseline(tiny_checkpoint, shapes_da
     assert result["summary"]["caption_correct"] == sum(x["caption_correct"] for x in p) / 3
     with pytest.raises(SystemExit):
         evaluate.main([*argv, "--scorer", "synthetic"])  # not module:function
+
+
+def test_push_after_evaluation_carries_the_scores_and_leaves_eval_local(
+    tiny_checkpoint, shapes_data, tmp_path, monkeypatch
+):
+    import shutil
+
+    import huggingface_hub
+
+    uploads = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: uploads.append(kw) or "url")
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    argv = ["--model", str(model), "--dataset", str(shapes_data["sft_test"]), "--limit", "2", "--max_new_tokens", "2"]
+    evaluate.main([*argv, "--write_card", "--push_to_hub", "you/tiny"])
+    (upload,) = uploads
+    assert upload["repo_id"] == "you/tiny" and Path(upload["folder_path"]) == model
+    assert "model-index" in (model / "README.md").read_text()  # what the upload carries
+    assert "eval/**" in upload["ignore_patterns"] and (model / "eval" / "predictions.jsonl").exists()

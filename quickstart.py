@@ -12,7 +12,9 @@
 """
 
 import argparse
+import contextlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -24,10 +26,32 @@ from tiny import save_tiny_bases
 ROOT = Path(__file__).resolve().parent
 
 
-def stage(script: str, recipe: str, *args: str) -> None:
-    """Run one training stage exactly as a user would, in its own process."""
-    cmd = [sys.executable, str(ROOT / script), "--config", str(ROOT / "recipes" / recipe), *args]
-    subprocess.run(cmd, check=True)
+STEP = re.compile(r"step (\d+)/(\d+) loss ([\d.]+)")  # training.ProgressLog's line
+
+
+def stage(title: str, script: str, recipe: str, log: Path, *args: str) -> None:
+    """Run one training stage exactly as a user would, in its own process. Its whole output goes to `log`; the
+    terminal shows one progress line (and the log's tail if the stage fails)."""
+    cmd = [sys.executable, str(ROOT / script), "--config", str(ROOT / "recipes" / recipe), "--disable_tqdm", "true"]
+    with (
+        open(log, "w") as f,
+        subprocess.Popen([*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc,
+    ):
+        for line in proc.stdout:
+            f.write(line)
+            if m := STEP.search(line):
+                print(f"\r  {title}: step {m[1]}/{m[2]}, loss {float(m[3]):.3f}", end="", flush=True)
+    print()
+    if proc.returncode:
+        print("".join(log.read_text().splitlines(keepends=True)[-30:]), file=sys.stderr)
+        raise SystemExit(f"{script} failed (exit {proc.returncode}); its whole output: {log}")
+
+
+@contextlib.contextmanager
+def quiet(log: Path):
+    """Progress bars and loading messages of an in-process step go to `log`, not to the terminal."""
+    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        yield
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -46,27 +70,47 @@ def main(argv: list[str] | None = None) -> dict:
         n_caption_test=max(1, args.n_test // 4), seed=args.seed,
     )  # fmt: skip
     texts = synthetic.corpus_texts(data.values())
-    vision, text = save_tiny_bases(out / "bases", texts, image_size=synthetic.IMAGE_SIZE, seed=args.seed)
+    with quiet(out / "bases.log"):
+        vision, text = save_tiny_bases(out / "bases", texts, image_size=synthetic.IMAGE_SIZE, seed=args.seed)
+    print(f"synthetic shapes data and tiny random bases in {out} ({time.time() - t0:.0f} s); logs: {out}/*.log")
     common = ["--seed", str(args.seed)]
-    stage("train_pretrain.py", "quickstart_pretrain.yaml", "--vision_model", str(vision), "--text_model", str(text),
-          "--dataset_name", str(data["pretrain"]), "--output_dir", str(out / "pretrain"), *common)  # fmt: skip
+    stage("stage 1 (align)", "train_pretrain.py", "quickstart_pretrain.yaml", out / "pretrain.log",
+          "--vision_model", str(vision), "--text_model", str(text), "--dataset_name", str(data["pretrain"]),
+          "--output_dir", str(out / "pretrain"), *common)  # fmt: skip
     sft_args = ["--num_train_epochs", str(args.sft_epochs)] if args.sft_epochs else []
-    stage("train_sft.py", "quickstart_sft.yaml", "--model_name_or_path", str(out / "pretrain"),
-          "--dataset_name", str(data["sft_train"]), "--output_dir", str(out / "sft"), *common, *sft_args)  # fmt: skip
+    stage("stage 2 (instructions)", "train_sft.py", "quickstart_sft.yaml", out / "sft.log",
+          "--model_name_or_path", str(out / "pretrain"), "--dataset_name", str(data["sft_train"]),
+          "--output_dir", str(out / "sft"), *common, *sft_args)  # fmt: skip
 
     import evaluate
 
-    result = evaluate.main(["--model", str(out / "sft"), "--dataset", str(data["sft_test"]), "--batch_size", "64",
-                            "--max_new_tokens", "8"])  # fmt: skip
-    captions = evaluate.main(["--model", str(out / "sft"), "--dataset", str(data["caption_test"]),
-                              "--batch_size", "64", "--max_new_tokens", "48", "--scorer", "synthetic:caption_correct",
-                              "--output_dir", str(out / "sft" / "eval" / "captions")])["summary"]  # fmt: skip
+    print("  evaluating on held-out images", flush=True)
+    with quiet(out / "evaluate.log"):
+        result = evaluate.main(["--model", str(out / "sft"), "--dataset", str(data["sft_test"]), "--batch_size", "64",
+                                "--max_new_tokens", "8"])  # fmt: skip
+        captions = evaluate.main(
+            [
+                "--model",
+                str(out / "sft"),
+                "--dataset",
+                str(data["caption_test"]),
+                "--batch_size",
+                "64",
+                "--max_new_tokens",
+                "48",
+                "--scorer",
+                "synthetic:caption_correct",
+                "--output_dir",
+                str(out / "sft" / "eval" / "captions"),
+            ]
+        )
+    captions = captions["summary"]
     summary = {**result["summary"], "chance": synthetic.chance_accuracy(data["sft_test"]), "seconds": time.time() - t0}
     summary |= {"captions": captions["examples"], "caption_correct": captions["caption_correct"]}
     summary["blind_caption_correct"] = captions["blind_caption_correct"]
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(
-        f"\nheld-out exact match {summary['exact_match']:.1%} | blind baseline {summary['blind_exact_match']:.1%} | "
+        f"held-out exact match {summary['exact_match']:.1%} | blind baseline {summary['blind_exact_match']:.1%} | "
         f"chance {summary['chance']:.1%} | {summary['examples']} questions | {summary['seconds']:.0f} s\n"
         f"held-out captions all right {summary['caption_correct']:.1%} | blind baseline "
         f"{summary['blind_caption_correct']:.1%} | {summary['captions']} captions (every colour, shape, position and "

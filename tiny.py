@@ -22,6 +22,7 @@ from transformers import (
     SiglipImageProcessorPil,
     SiglipModel,
 )
+from transformers.utils import logging as hf_logging
 
 # Qwen2.5's special tokens that the VLM relies on (their ids differ here; the code never hard-codes them).
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
@@ -78,7 +79,14 @@ def save_tiny_bases(
             **small, vocab_size=64, max_position_embeddings=16, pad_token_id=1, bos_token_id=0, eos_token_id=2
         ),
     )
-    SiglipModel(siglip).save_pretrained(vision_dir)
+    # Pitfall (transformers 5.24): saving diffs the config against a default SiglipTextConfig, whose own default
+    # bos/eos ids (49406/49407) fail its vocabulary check (32000) and log two warnings about a config we never made.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        SiglipModel(siglip).save_pretrained(vision_dir)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     SiglipImageProcessorPil(
         size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
     ).save_pretrained(vision_dir)

@@ -116,6 +116,16 @@ def shape_image(color: str = "red", size: int = 48, box: tuple = (8, 8, 30, 30))
     return img
 
 
+def chat(*turns: str, system: str | None = None, images: int = 1) -> dict:
+    """An example in TRL's conversational format: user/assistant texts alternate, images go in the first turn."""
+    messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    for i, text in enumerate(turns):
+        role = "user" if i % 2 == 0 else "assistant"
+        content = [{"type": "image"}] * (images if i == 0 else 0) + [{"type": "text", "text": text}]
+        messages.append({"role": role, "content": content})
+    return {"messages": messages, "images": [shape_image(c) for c in ["red", "blue", "green"][:images]]}
+
+
 def user_turn(text: str, n_images: int = 1) -> list[dict]:
     """A one-turn chat: `n_images` image items then the question."""
     content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]

@@ -6,22 +6,12 @@ own BPE, which merges "\\n\\n" into one token and so breaks any search for the h
 
 import pytest
 import torch
-from conftest import shape_image
+from conftest import chat, shape_image
 
 from collator import IGNORE_INDEX, VLMCollator
 from processing_qwen_siglip import IMAGE_TOKEN
 
 END = "<|im_end|>"
-
-
-def chat(*turns: str, system: str | None = None, images: int = 1) -> dict:
-    """An example in TRL's conversational format: user/assistant texts alternate, images go in the first turn."""
-    messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
-    for i, text in enumerate(turns):
-        role = "user" if i % 2 == 0 else "assistant"
-        content = [{"type": "image"}] * (images if i == 0 else 0) + [{"type": "text", "text": text}]
-        messages.append({"role": role, "content": content})
-    return {"messages": messages, "images": [shape_image(c) for c in ["red", "blue", "green"][:images]]}
 
 
 def label_spans(processor, labels: torch.Tensor) -> list[str]:

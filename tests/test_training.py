@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CPU_RUN, ROOT, build_tiny, shape_image
+from conftest import CPU_RUN, ROOT, build_tiny, chat, shape_image
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 from trl import SFTConfig
@@ -21,16 +21,6 @@ from collator import VLMCollator
 
 RUNNER = str(ROOT / "tests" / "stage_runner.py")
 FAKE_TOKEN = "hf_FAKEtokenThatMustNeverBeWrittenAnywhere0123"
-
-
-def chat(*turns: str, system: str | None = None, images: int = 1) -> dict:
-    """An example in TRL's conversational format: user/assistant texts alternate, images go in the first turn."""
-    messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
-    for i, text in enumerate(turns):
-        role = "user" if i % 2 == 0 else "assistant"
-        content = [{"type": "image"}] * (images if i == 0 else 0) + [{"type": "text", "text": text}]
-        messages.append({"role": role, "content": content})
-    return {"messages": messages, "images": [shape_image(c) for c in ["red", "blue", "green"][:images]]}
 
 
 # ----------------------------------------------------------------------------- the collator (labels: test_labels.py)

@@ -292,7 +292,9 @@ def dumps(folder: Path) -> dict:
 
 def test_global_batch_counts_the_processes_the_launcher_started(tmp_path, monkeypatch):
     """WORLD_SIZE (torchrun, accelerate launch) wins over TrainingArguments, which can read 1 under DeepSpeed."""
-    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=2, report_to="none")
+    # activation_checkpointing named: TRL 1.16's SFTConfig defaults the deprecated gradient_checkpointing otherwise
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=2, report_to="none",
+                     activation_checkpointing=False)  # fmt: skip
     assert args.world_size == 1  # this one process, as TrainingArguments sees it
     monkeypatch.setenv("WORLD_SIZE", "2")
     training.set_accumulation(args, 8)

@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 python bench/bench.py              # CPU: fp32, batch 2, ~12 min on 2 idle cores
     HF_HUB_OFFLINE=1 python bench/bench.py --threads 1  # a 2-core machine shared with others: bench/results/cpu.json
-    HF_HUB_OFFLINE=1 python bench/bench.py --sections packing   # packing alone (~5 min): results/cpu-packing.json
+    HF_HUB_OFFLINE=1 python bench/bench.py --sections packing   # packing alone (~14 min): results/cpu-packing.json
     HF_HUB_OFFLINE=1 python bench/bench.py --quick      # smoke run (~3 min): 1 repeat, batch 1, generation batch 1
     python bench/bench.py --device cuda                 # GPU: bf16, batch 16, 64 new tokens, flash attention
     Flags for more: --batch-size, --repeats, --gen-repeats, --gen-batch-sizes, --new-tokens, --text-tokens, --workers,

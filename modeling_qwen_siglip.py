@@ -177,18 +177,21 @@ class QwenSiglipModel(QwenSiglipPreTrainedModel):
         Without this an out-of-range id is an IndexError deep in the embedding, and a sequence past
         `max_position_embeddings` runs silently: RoPE extrapolates and the LM writes nonsense.
         """
-        vocab = self.config.text_config.vocab_size
-        if input_ids is not None:
-            if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
-                raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
-            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
-                bad = ((input_ids < 0) | (input_ids >= vocab)).nonzero()[0].tolist()
-                raise ValueError(
-                    f"input_ids hold id {int(input_ids[tuple(bad)])} at position {tuple(bad)}, outside the LM's "
-                    f"vocabulary (0..{vocab - 1}); was the text encoded with another model's tokenizer?"
-                )
-        context = self.config.text_config.max_position_embeddings
-        end = int(position_ids.max()) + 1 if position_ids is not None else past_length + length
+        vocab, context = self.config.text_config.vocab_size, self.config.text_config.max_position_embeddings
+        ids = input_ids if input_ids is not None and input_ids.numel() else None
+        if ids is not None and (ids.is_floating_point() or ids.dtype == torch.bool):
+            raise ValueError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+        # One device sync for all three bounds (min id, max id, last position): this runs on every decode step.
+        bounds = [ids.min(), ids.max()] if ids is not None else []
+        bounds += [position_ids.max()] if position_ids is not None else []
+        bounds = torch.stack([b.long() for b in bounds]).tolist() if bounds else []
+        if ids is not None and (bounds[0] < 0 or bounds[1] >= vocab):
+            bad = ((ids < 0) | (ids >= vocab)).nonzero()[0].tolist()
+            raise ValueError(
+                f"input_ids hold id {int(ids[tuple(bad)])} at position {tuple(bad)}, outside the LM's "
+                f"vocabulary (0..{vocab - 1}); was the text encoded with another model's tokenizer?"
+            )
+        end = bounds[-1] + 1 if position_ids is not None else past_length + length
         if end > context:
             raise ValueError(
                 f"The sequence reaches position {end} ({past_length} cached + {length} new tokens), past the LM's "

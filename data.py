@@ -55,7 +55,6 @@ from processing_qwen_siglip import LLAVA_PLACEHOLDER_RE
 
 log = logging.getLogger(__name__)
 
-IMAGE = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
 MAX_PIXELS = 64_000_000  # refused from the header; PIL's own bomb limit (Image.MAX_IMAGE_PIXELS) applies as well

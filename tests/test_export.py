@@ -1,7 +1,6 @@
 """Export to transformers' LLaVA: the exported folder is the same model, served by code that knows nothing of ours."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -10,12 +9,10 @@ import torch
 from conftest import ROOT, build_tiny, shape_image
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoTokenizer
 
 from configuration_qwen_siglip import QwenSiglipConfig
 from export_llava import add_image_token, export, llava_config, llava_processor, main, to_llava
-
-QWEN_TOKENIZER = ROOT.parent / "shared" / "qwen-tokenizer"
 
 # Runs in `python -I` from a folder outside the repo: only transformers' own LLaVA can load the export here. Each case
 # is a chat (through the chat template) or raw text with image files (as LLaVA-style tools write it).
@@ -214,31 +211,17 @@ def test_export_refuses_a_tokenizer_that_already_has_image_token(tiny):
 
 
 @pytest.fixture(scope="module")
-def qwen_tiny(tiny_bases, tmp_path_factory):
-    """A tiny model on the real Qwen tokenizer, with Qwen2.5's 151,936 embedding rows, and its checkpoint folder."""
-    if not QWEN_TOKENIZER.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI needs the real Qwen tokenizer at {QWEN_TOKENIZER}")
-        pytest.skip("the real Qwen tokenizer is not at ../shared/qwen-tokenizer: the spare-id check needs its vocab")
-    text_dir = tmp_path_factory.mktemp("qwen-base")
-    tokenizer = AutoTokenizer.from_pretrained(QWEN_TOKENIZER)
-    tokenizer.save_pretrained(text_dir)
-    eos, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    config = Qwen2Config(
-        **small, intermediate_size=128, vocab_size=151936, tie_word_embeddings=True, eos_token_id=eos, pad_token_id=pad
-    )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(text_dir)
-    model, processor = build_tiny((tiny_bases[0], text_dir))
+def qwen_checkpoint(qwen_tiny, tmp_path_factory):
+    """conftest's tiny model on the real Qwen tokenizer (151,936 embedding rows), saved as a checkpoint folder."""
+    model, processor = qwen_tiny
     checkpoint = tmp_path_factory.mktemp("qwen-checkpoint")
     model.save_pretrained(checkpoint)
     processor.save_pretrained(checkpoint)
     return model, processor, checkpoint
 
 
-def test_export_on_the_real_qwen_vocab_takes_first_free_id_and_gives_same_logits(qwen_tiny, chat, tmp_path):
-    model, processor, checkpoint = qwen_tiny
+def test_export_on_the_real_qwen_vocab_takes_first_free_id_and_gives_same_logits(qwen_checkpoint, chat, tmp_path):
+    model, processor, checkpoint = qwen_checkpoint
     _, cases = chat
     dst = export(checkpoint, tmp_path / "llava")
     image_id = json.loads((dst / "config.json").read_text())["image_token_index"]

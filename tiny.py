@@ -102,7 +102,8 @@ def save_tiny_bases(
     qwen = Qwen2Config(
         **small,
         num_key_value_heads=max(1, heads // 2),
-        vocab_size=-(-len(tokenizer) // 64) * 64,  # padded like Qwen's 151936 > len(tokenizer)
+        # Padded like Qwen's 151936 > 151665, always with a spare row: the LLaVA export puts `<image>` there.
+        vocab_size=(len(tokenizer) // 64 + 1) * 64,
         max_position_embeddings=1024,
         tie_word_embeddings=tie_word_embeddings,
         initializer_range=initializer_range,  # the std of the LM's random weights (see above)

@@ -127,6 +127,27 @@ def test_exported_llava_loads_without_remote_code_and_gives_same_logits(fresh, o
     torch.testing.assert_close(fresh["chat"]["logits"], original["logits"], rtol=0, atol=1e-6)
 
 
+def test_quickstart_checkpoint_exports_and_answers_alike(quickstart_run, tmp_path):
+    """The README's route: `export_llava.py --model outputs/quickstart/sft` on the trained default (its tokenizer fills
+    a multiple of 64 exactly, so the tiny base must keep a spare row), then the same held-out caption and answer."""
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    checkpoint = quickstart_run["checkpoint"]
+    main(["--model", str(checkpoint), "--output", str(tmp_path / "llava")])
+    data = checkpoint.parent / "data"
+    row = json.loads((data / "caption_test.jsonl").read_text().splitlines()[2])  # three shapes
+    question = row["conversations"][0]["content"].removeprefix("<image>\n")
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(data / row["image"])},
+                                             {"type": "text", "text": question}]}]  # fmt: skip
+    cases = {"caption": {"messages": messages}}
+    fresh = run_fresh(tmp_path / "llava", tmp_path, cases)["caption"]
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    original = ours(model, AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True), cases["caption"])
+    torch.testing.assert_close(fresh["logits"], original["logits"], rtol=0, atol=1e-5)
+    prompt_length = original["inputs"]["input_ids"].shape[1]
+    assert torch.equal(fresh["generated"][0, prompt_length:], original["generated"][0, prompt_length:])
+
+
 def test_exported_llava_greedy_generation_matches(fresh, original):
     prompt_length = original["inputs"]["input_ids"].shape[1]
     new = original["generated"][0, prompt_length:]

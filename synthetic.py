@@ -9,8 +9,8 @@ What is notable:
   and colour, shape, side and count are all local features a 2-layer encoder can pick up. The size was 48 px
   (3x3 patches a cell) while the tiny LM had Qwen's 0.02 init, under which shapes at 32 px were slow to learn; with
   tiny.py's init scaled to the width, 32 px is learned as well and faster (16 image tokens instead of 36; captions
-  right after 500 stage-1 steps: 100% at 32 px; 95-96% at 48 px, even with each cell's 3x3 patches merged into one
-  token by pixel shuffle).
+  right after 500 stage-1 steps: 100% at 32 px; 95-96% at 48 px with each cell's 3x3 patches merged into one token
+  by pixel shuffle).
 - Answers are one canonical word or digit, in English or Chinese, so exact match is meaningful. Colour,
   shape and position ("left"/"right") are asked only of single-shape images; count of images with 1-3.
 - Items are planned answer-first: (question kind, answer, language) cycles through every combination and

@@ -128,8 +128,8 @@ def test_exported_llava_loads_without_remote_code_and_gives_same_logits(fresh, o
 
 
 def test_quickstart_checkpoint_exports_and_answers_alike(quickstart_run, tmp_path):
-    """The README's route: `export_llava.py --model outputs/quickstart/sft` on the trained default (its tokenizer fills
-    a multiple of 64 exactly, so the tiny base must keep a spare row), then the same held-out caption and answer."""
+    """The README's route: `export_llava.py --model outputs/quickstart/sft` on the trained default (its tokenizer once
+    filled the embedding rows exactly, leaving no spare row for `<image>`), then the same held-out caption."""
     from transformers import AutoModelForCausalLM, AutoProcessor
 
     checkpoint = quickstart_run["checkpoint"]

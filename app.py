@@ -3,47 +3,33 @@
     pip install ".[app]"
     python app.py --model <folder or Hub id>      # then open http://127.0.0.1:7860
 
-Notable:
+Notable (the chat engine, with no Gradio in it, is `qwen_siglip.chat`):
 - The model and processor are loaded once, when the app is built; every request reuses them. Gradio queues the
   requests and runs one generation at a time, which is what one CPU or GPU can serve.
-- Answers stream token by token: `generate` (KV cache on) runs in a thread and feeds a `TextIteratorStreamer`.
-  Stop (or closing the tab) ends the generation through a stopping criterion, freeing the model for the next user.
-- The conversation is what the page shows: the image and the chat are sent with every question, and the whole chat
-  is rendered with the processor's chat template, the image in the first user turn. No server-side session state,
-  so a Clear or a new image (which empties the chat in the browser) can never race a question.
+- Stop (or closing the tab) ends the generation, freeing the model for the next user.
+- The image and the chat are sent with every question: a Clear or a new image (which empties the chat in the
+  browser) can never race a question.
 - The status line reads "Answering…" until an answer is complete. A question sent before then is asked right after
   it (Gradio's default would drop it); Clear during an answer is undone by the answer's next piece: Stop first.
-- Temperature 0 means greedy decoding; above 0, temperature + top-p sampling.
-- Images are opened by the data module's `load_rgb`, as in training (EXIF orientation, alpha on white, 16-bit
-  rescaled). The image component hands the upload over undecoded (`image_input`): Gradio's own preprocessing
-  would open it with PIL and fail on a corrupt file or a 400-megapixel header with its raw error, before the app
-  could refuse it. Images over `--max-image-pixels` are refused from their header; the upload itself is capped by
-  Gradio's `max_file_size`. Refusals and failures show in a status line on the page; the server lives on.
-- No message names a path of the server (`without_paths`): PIL and friends put the upload's temporary path in theirs.
-- A chat longer than the model's context is refused with a message before anything is generated; the answer's
-  length is capped to what the context has left.
+- The image component hands the upload over undecoded (`image_input`): Gradio's own preprocessing would open it
+  with PIL and fail on a corrupt file or a 400-megapixel header with its raw error, before the app could refuse it.
+  Images over `--max-image-pixels` are refused from their header; the upload itself is capped by Gradio's
+  `max_file_size`. Refusals and failures show in a status line on the page; the server lives on.
 - `--model` may be a local folder (its code runs: it is yours) or a Hub id, which needs `--trust_remote_code`
   (`--revision` pins the commit whose code you read).
 - Private and offline by default: binds 127.0.0.1, no share link, no Gradio analytics or version check (these would
-  reach the network), bundled fonts only.
-- Gradio is an optional extra, so training does not need it.
+  reach the network), bundled fonts only. Gradio is an optional extra, so training does not need it.
 """
 
 import argparse
 import base64
 import os
-import re
-import threading
 from collections.abc import Iterator
 from contextlib import closing
-from pathlib import Path
 
-import torch
-from PIL import Image
-from transformers import StoppingCriteria, TextIteratorStreamer
-
-from data import ImageRefused, load_rgb
-from evaluate import context_length, load_model, remote_code_allowed
+from qwen_siglip.chat import chat_messages, load, open_image, sampling_kwargs, stream_answer, without_paths
+from qwen_siglip.hub import display_name
+from qwen_siglip.inference import remote_code_allowed
 
 # Must be set before gradio is imported: otherwise it phones home (telemetry, version check) on start.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -52,121 +38,9 @@ try:
 except ImportError as e:  # the trainer does not need Gradio, so it is an optional extra
     raise ImportError('The chat app needs Gradio: pip install ".[app]"') from e
 
-DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # a 50 MP photo; below PIL's own decompression-bomb guard (~89 MP)
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # a 50 MP photo; below PIL's own decompression-bomb guard
 MAX_FILE_SIZE = "50mb"
-GENERATE_THREAD = "qwen-siglip-generate"
 ANSWERING = "✍️ Answering… (Stop interrupts)"  # the status line while an answer is being written
-
-
-class StopOnEvent(StoppingCriteria):
-    """Ends `generate` once `event` is set: how a Stop click or a closed tab reaches the generation thread."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class PromptTooLong(ValueError):
-    """The chat does not fit the model's context; the message says so and what to do."""
-
-
-def load(model_path: str, trust_remote_code: bool = False, revision: str | None = None):
-    """Load model and processor once; bf16 on a GPU, float32 on the CPU. A Hub id needs `trust_remote_code`."""
-    cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda else torch.float32
-    model, processor = load_model(model_path, trust_remote_code=trust_remote_code, revision=revision, dtype=dtype)
-    return model.to("cuda" if cuda else "cpu"), processor
-
-
-# An absolute POSIX or Windows path with at least one folder; not the `//host/x` of a URL, not `and/or`.
-ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])(?:[A-Za-z]:)?[/\\](?:[^\s/\\'\"<>:]+[/\\])+")
-
-
-def without_paths(message: str) -> str:
-    """The message with every absolute path cut to its last part: '/tmp/gradio/ab12/cat.png' -> 'cat.png'."""
-    return ABSOLUTE_PATH.sub("", message)
-
-
-def open_image(src: str | bytes, max_pixels: int) -> Image.Image:
-    """The uploaded image as RGB through the data module's `load_rgb`; ValueError with the app's own message."""
-    try:
-        return load_rgb(src, max_pixels=max_pixels)
-    except ImageRefused as e:
-        raise ValueError(f"This image cannot be used: {without_paths(str(e))}") from None
-
-
-def message_text(message: dict) -> str:
-    """The text of a chat message as the Chatbot sends it back (a string, or a list of content blocks)."""
-    content = message["content"]
-    return content if isinstance(content, str) else "".join(b.get("text", "") for b in content)
-
-
-def chat_messages(history: list[dict], question: str) -> list[dict]:
-    """The chat shown on the page plus the new question, in the chat template's format, the image in turn one."""
-    messages = [{"role": m["role"], "content": [{"type": "text", "text": message_text(m)}]} for m in history]
-    messages.append({"role": "user", "content": [{"type": "text", "text": question}]})
-    messages[0]["content"].insert(0, {"type": "image"})  # the first message is always the user's
-    return messages
-
-
-def sampling_kwargs(temperature: float, top_p: float, max_new_tokens: int) -> dict:
-    """`generate` settings; temperature 0 means greedy (passing top-p then would only draw a warning)."""
-    if temperature <= 0:
-        return dict(do_sample=False, max_new_tokens=int(max_new_tokens))
-    return dict(do_sample=True, temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens))
-
-
-def encode(model, processor, messages: list[dict], image: Image.Image, max_new_tokens: int) -> tuple[dict, int]:
-    """(model inputs, max_new_tokens capped to the context left); PromptTooLong if the prompt fills the context."""
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=[image], text=text, return_tensors="pt")
-    n, context = inputs["input_ids"].shape[1], context_length(model)  # image tokens included
-    if n >= context:
-        raise PromptTooLong(
-            f"This conversation is too long for the model ({n:,} tokens, limit {context:,}): start a new one "
-            "(the bin icon clears the chat), or ask a shorter question."
-        )
-    return inputs.to(model.device), min(int(max_new_tokens), context - n)
-
-
-def stream_answer(
-    model, processor, messages: list[dict], image: Image.Image, *, max_new_tokens: int, **generate_kwargs
-) -> Iterator[str]:
-    """The answer so far, as tokens arrive; `generate` runs in a thread (KV cache on) and feeds a streamer.
-
-    Not a generator itself: the prompt is encoded and checked at the call, so PromptTooLong comes before any answer.
-    """
-    inputs, max_new_tokens = encode(model, processor, messages, image, max_new_tokens)
-    return _stream(model, processor, inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
-
-
-def _stream(model, processor, inputs: dict, **generate_kwargs) -> Iterator[str]:
-    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    stop, failure = threading.Event(), []
-
-    def run() -> None:
-        try:
-            model.generate(
-                **inputs, streamer=streamer, use_cache=True, stopping_criteria=[StopOnEvent(stop)], **generate_kwargs
-            )
-        except Exception as e:  # re-raised below; ending the streamer keeps the loop below from waiting forever
-            failure.append(e)
-            streamer.end()
-
-    thread = threading.Thread(target=run, name=GENERATE_THREAD, daemon=True)
-    thread.start()
-    answer = ""
-    try:
-        for piece in streamer:
-            answer += piece
-            yield answer
-    finally:  # also reached when Gradio closes this generator (Stop, closed tab): end the generation with it
-        stop.set()
-    thread.join()
-    if failure:
-        raise failure[0]
 
 
 def undecoded(payload) -> str | bytes | None:
@@ -191,29 +65,22 @@ def image_input(**kwargs) -> gr.Image:
     return image
 
 
-def build_app(
-    model_path: str,
-    *,
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    trust_remote_code: bool = False,
-    revision: str | None = None,
-) -> gr.Blocks:
-    """Load the model once and lay out the chat; `.launch()` the result to serve it."""
-    model, processor = load(model_path, trust_remote_code, revision)
+def check_image(src: str | bytes | None, max_image_pixels: int) -> str:
+    """The status line for a new image: a warning now if it will be refused (each question checks it again)."""
+    try:
+        if src is not None:
+            open_image(src, max_image_pixels)
+    except Exception as e:  # too large, or not an image we can read
+        return f"⚠️ {without_paths(str(e))}"
+    return ""
 
-    def check_image(src: str | bytes | None) -> str:
-        """Say at once, in the status line, if a new image will be refused (each question checks it again)."""
-        try:
-            if src is not None:
-                open_image(src, max_image_pixels)
-        except Exception as e:  # too large, or not an image we can read
-            return f"⚠️ {without_paths(str(e))}"
-        return ""
+
+def responder(model, processor, max_image_pixels: int):
+    """The function a question runs: streams the answer into the chat; outputs are (question box, chat, status)."""
 
     def respond(
         question: str, history: list[dict], src: str | bytes | None, temperature: float, top_p: float, max_new_tokens
     ) -> Iterator[tuple[str, list[dict], str]]:
-        """Stream the answer into the chat; outputs are (question box, chat, status line)."""
         question = question.strip()
         if not question:
             yield "", history, ""
@@ -238,47 +105,69 @@ def build_app(
         except Exception as e:  # anything else shows on the page too, instead of ending the server
             yield question, history, f"⚠️ Generation failed: {type(e).__name__}: {without_paths(str(e))}"
 
-    # A local folder is named by its last two parts: the page (and its screenshots) need no path of this machine.
-    name = "/".join(Path(model_path).resolve().parts[-2:]) if Path(model_path).exists() else model_path
-    with gr.Blocks(title="qwen-siglip chat", analytics_enabled=False) as demo:
-        gr.Markdown(
-            f"## qwen-siglip chat\n`{name}` · Upload or paste an image, then ask about it in English or "
-            "Chinese (中文). Follow-up questions are about the same image; a new image starts a new conversation."
-        )
-        with gr.Row():
-            with gr.Column(scale=2):
-                image = image_input(sources=["upload", "clipboard"], label="Image", elem_id="image")
-                with gr.Accordion("Sampling settings", open=False):
-                    temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)")
-                    top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p")
-                    max_new_tokens = gr.Slider(1, 1024, value=256, step=1, label="Max new tokens")
-            with gr.Column(scale=3):
-                # No share button (it posts the chat to the Hub). Its bin icon clears the chat, in the browser.
-                chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=420, buttons=["copy", "copy_all"])
-                question = gr.Textbox(
-                    placeholder="Ask about the image… / 请问图片里有什么？", show_label=False, elem_id="question"
-                )
-                with gr.Row():
-                    send = gr.Button("Send", variant="primary", elem_id="send")
-                    stop = gr.Button("Stop", elem_id="stop")
-                status = gr.Markdown(elem_id="status")
+    return respond
 
-        # A new (or removed) image starts a new conversation: the chat is emptied in the browser itself (js, no
-        # server round trip), so a question asked right after an upload can never carry the old chat.
-        image.change(None, outputs=chatbot, js="() => [[]]")  # js returns one value per output
-        image.change(check_image, inputs=image, outputs=status)
-        # Enter and Send ask the same way, sharing one queue slot (one generation at a time); Stop cancels either.
-        ask = dict(
-            fn=respond,
-            inputs=[question, chatbot, image, temperature, top_p, max_new_tokens],
-            outputs=[question, chatbot, status],
-            concurrency_id="generate",
-            # Pitfall: Gradio's default ("once") silently drops a question sent while an answer is still
-            # finishing; "always_last" asks it right after instead.
-            trigger_mode="always_last",
-        )
-        asks = [question.submit(**ask), send.click(**ask)]
-        stop.click(lambda: "", outputs=status, cancels=asks)  # a stopped answer is no longer being written
+
+def layout(name: str) -> dict:
+    """The page's components, by name; call inside a `gr.Blocks` context."""
+    gr.Markdown(
+        f"## qwen-siglip chat\n`{name}` · Upload or paste an image, then ask about it in English or "
+        "Chinese (中文). Follow-up questions are about the same image; a new image starts a new conversation."
+    )
+    ui = {}
+    with gr.Row():
+        with gr.Column(scale=2):
+            ui["image"] = image_input(sources=["upload", "clipboard"], label="Image", elem_id="image")
+            with gr.Accordion("Sampling settings", open=False):
+                ui["temperature"] = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+                ui["top_p"] = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p")
+                ui["max_new_tokens"] = gr.Slider(1, 1024, value=256, step=1, label="Max new tokens")
+        with gr.Column(scale=3):
+            # No share button (it posts the chat to the Hub). Its bin icon clears the chat, in the browser.
+            ui["chatbot"] = gr.Chatbot(label="Chat", elem_id="chatbot", height=420, buttons=["copy", "copy_all"])
+            ui["question"] = gr.Textbox(
+                placeholder="Ask about the image… / 请问图片里有什么？", show_label=False, elem_id="question"
+            )
+            with gr.Row():
+                ui["send"] = gr.Button("Send", variant="primary", elem_id="send")
+                ui["stop"] = gr.Button("Stop", elem_id="stop")
+            ui["status"] = gr.Markdown(elem_id="status")
+    return ui
+
+
+def wire(ui: dict, respond, max_image_pixels: int) -> None:
+    """Connect the page's events: a new image empties the chat; Enter or Send asks; Stop cancels."""
+    image, chatbot, status = ui["image"], ui["chatbot"], ui["status"]
+    # A new (or removed) image starts a new conversation: the chat is emptied in the browser itself (js, no
+    # server round trip), so a question asked right after an upload can never carry the old chat.
+    image.change(None, outputs=chatbot, js="() => [[]]")  # js returns one value per output
+    image.change(lambda src: check_image(src, max_image_pixels), inputs=image, outputs=status)
+    # Enter and Send ask the same way, sharing one queue slot (one generation at a time); Stop cancels either.
+    ask = dict(
+        fn=respond,
+        inputs=[ui[k] for k in ("question", "chatbot", "image", "temperature", "top_p", "max_new_tokens")],
+        outputs=[ui["question"], chatbot, status],
+        concurrency_id="generate",
+        # Pitfall: Gradio's default ("once") silently drops a question sent while an answer is still
+        # finishing; "always_last" asks it right after instead.
+        trigger_mode="always_last",
+    )
+    asks = [ui["question"].submit(**ask), ui["send"].click(**ask)]
+    ui["stop"].click(lambda: "", outputs=status, cancels=asks)  # a stopped answer is no longer being written
+
+
+def build_app(
+    model_path: str,
+    *,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> gr.Blocks:
+    """Load the model once and lay out the chat; `.launch()` the result to serve it."""
+    model, processor = load(model_path, trust_remote_code, revision)
+    with gr.Blocks(title="qwen-siglip chat", analytics_enabled=False) as demo:
+        ui = layout(display_name(model_path))  # a local folder by its name: the page names no path of this machine
+        wire(ui, responder(model, processor, max_image_pixels), max_image_pixels)
     return demo
 
 

@@ -92,6 +92,17 @@ class QwenSiglipConfig(PreTrainedConfig):
         return list(layer) if isinstance(layer, (list, tuple)) else [layer]
 
     @property
+    def context_length(self) -> int:
+        """The LM's context (prompt + answer), rope scaling included as transformers applies it: a scaled rope reaches
+        `factor` x its pretraining length (`original_max_position_embeddings`, else `max_position_embeddings`)."""
+        t = self.text_config
+        rope = getattr(t, "rope_parameters", None) or {}
+        if rope.get("rope_type", "default") == "default" or not rope.get("factor"):
+            return t.max_position_embeddings
+        original = rope.get("original_max_position_embeddings") or t.max_position_embeddings
+        return max(t.max_position_embeddings, int(original * rope["factor"]))
+
+    @property
     def num_image_tokens(self) -> int:
         """LM tokens per image: 196 for SigLIP-base-224, 49 with pixel_shuffle_factor=2."""
         return (self.grid_size // self.pixel_shuffle_factor) ** 2

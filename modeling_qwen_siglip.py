@@ -8,26 +8,23 @@ Notable:
   `model.language_model`, `lm_head`), so exporting to `LlavaForConditionalGeneration` copies weights unrenamed.
 - `base_model_prefix = "model"` and `QwenSiglipModel` returns `last_hidden_state`: TRL's SFTTrainer swaps our
   forward for a fused LM head that calls `model.model(...)`, so nothing essential may live only in the top forward.
-- A frozen vision tower runs under `no_grad`: stage-1/2 training then keeps none of its activations.
+- A frozen vision tower runs under `no_grad`: training then keeps none of its activations.
 - transformers 5's model contract, as its LLaVA: `cache=` (not the deprecated `past_key_values=`), `return_dict=False`
   tuples, `inputs_embeds` + `pixel_values` (placeholders found from the embeddings), `get_image_features` returning
   an output object whose `pooler_output` holds the projected features, the `lm_head` tensor-parallel entry.
-- No parameter that nothing uses: SigLIP's post_layernorm is removed (an export writes an identity one for LLaVA),
-  since an unused trainable parameter fails DDP.
+- No parameter that nothing uses (an unused trainable one fails DDP): SigLIP's post_layernorm is removed.
 - Decoding never raises over an image token: the builder's generation config suppresses `<|image_pad|>`, and with a
   cache an image token without pixels stays a plain token, as in LLaVA.
-- Bad input is refused before torch sees it: ids outside the vocabulary, integer pixel_values (no processor), and
-  sequences past the LM's context (`check_inputs`).
-- `from_pretrained_parts` composes a fresh model from two pretrained bases, loading each strictly.
+- Bad input is refused before torch sees it: ids outside the vocabulary, integer or non-finite pixel_values, and
+  sequences past the LM's context, rope scaling included (`check_inputs`, `check_pixels`).
 """
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
-from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
@@ -35,8 +32,6 @@ try:  # a saved checkpoint imports its sibling file as part of a dynamic package
     from .configuration_qwen_siglip import QwenSiglipConfig
 except ImportError:  # the repo itself, imported as top-level modules
     from configuration_qwen_siglip import QwenSiglipConfig
-
-logger = logging.get_logger(__name__)
 
 
 def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -106,33 +101,31 @@ class QwenSiglipModel(QwenSiglipPreTrainedModel):
 
     @can_return_tuple
     def get_image_features(
-        self, pixel_values: torch.FloatTensor, vision_feature_layer: int | list[int] | None = None, **kwargs
+        self,
+        pixel_values: torch.FloatTensor,
+        vision_feature_layer: int | list[int] | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs,
     ) -> BaseModelOutputWithPooling:
         """(n_images, 3, H, W) pixels -> the tower's output, with `pooler_output` = the LM-ready features.
 
         As transformers 5's VLMs do: `last_hidden_state`/`hidden_states` are the tower's (no post-layernorm), and
         `pooler_output` is a list of n_images tensors (num_image_tokens, text_hidden), what the LM receives.
+        `hidden_states` and `attentions` (eager attention only) are returned when asked, as by SigLIP itself.
         """
-        vision = self.config.vision_config
-        expected = (3, vision.image_size, vision.image_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(
-                f"pixel_values must have shape (num_images, {', '.join(map(str, expected))}), got "
-                f"{tuple(pixel_values.shape)}; use the model's processor to resize images"
-            )
-        if not pixel_values.is_floating_point():
-            # uint8 pixels cast to float would be 0..255 where the tower expects normalised values around 0.
-            raise ValueError(
-                f"pixel_values have dtype {pixel_values.dtype}: raw integer pixels, the processor was skipped. Pass "
-                "images through the model's processor, which rescales and normalises them to floats"
-            )
+        self.check_pixels(pixel_values)
         layers = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         layers = layers if isinstance(layers, (list, tuple)) else [layers]
-        pixel_values = pixel_values.to(self.vision_tower.dtype)
         # A frozen tower needs no activations kept for backward: run it without autograd (saves memory and time).
         tower_trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_tower.parameters())
         with torch.set_grad_enabled(tower_trains):
-            out = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+            out = self.vision_tower(
+                pixel_values.to(self.vision_tower.dtype),
+                output_hidden_states=True,  # the features are read from them, whatever the caller asked
+                output_attentions=bool(output_attentions),
+                return_dict=True,
+            )
         # LLaVA: one layer's features, or several concatenated on the feature axis: (n_images, N, Dv * n_layers)
         features = torch.cat([out.hidden_states[i] for i in layers], dim=-1)
         features = pixel_shuffle(features, self.config.pixel_shuffle_factor)  # (n_images, N/s^2, Dv*n*s^2)
@@ -140,8 +133,25 @@ class QwenSiglipModel(QwenSiglipPreTrainedModel):
         return BaseModelOutputWithPooling(
             last_hidden_state=out.last_hidden_state,
             pooler_output=list(projected),
-            hidden_states=out.hidden_states,
+            hidden_states=out.hidden_states if output_hidden_states else None,
+            attentions=out.attentions if output_attentions else None,
         )
+
+    def check_pixels(self, pixel_values: torch.Tensor) -> None:
+        """ValueError for pixels the processor would never give: wrong shape, raw integers, NaN or infinity."""
+        size = self.config.vision_config.image_size
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
+            raise ValueError(
+                f"pixel_values must have shape (num_images, 3, {size}, {size}), got {tuple(pixel_values.shape)}; use "
+                "the model's processor to resize images"
+            )
+        if not pixel_values.is_floating_point():  # cast to float, 0..255 would reach a tower that expects ~[-1, 1]
+            raise ValueError(
+                f"pixel_values have dtype {pixel_values.dtype}: raw integer pixels, the processor was skipped. Pass "
+                "images through the model's processor, which rescales and normalises them to floats"
+            )
+        if not torch.isfinite(pixel_values).all():  # one device sync; NaN pixels would give NaN logits silently
+            raise ValueError("pixel_values hold NaN or infinite values; pass images through the model's processor")
 
     def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """(B, L) bool: where the image tokens are, from input_ids or, without them, from the embeddings (as LLaVA).
@@ -174,10 +184,10 @@ class QwenSiglipModel(QwenSiglipPreTrainedModel):
     ) -> None:
         """ValueError for ids outside the vocabulary and for positions past the LM's context, before torch sees them.
 
-        Without this an out-of-range id is an IndexError deep in the embedding, and a sequence past
-        `max_position_embeddings` runs silently: RoPE extrapolates and the LM writes nonsense.
+        Without this an out-of-range id is an IndexError deep in the embedding, and a sequence past the context
+        runs silently: RoPE extrapolates and the LM writes nonsense.
         """
-        vocab, context = self.config.text_config.vocab_size, self.config.text_config.max_position_embeddings
+        vocab, context = self.config.text_config.vocab_size, self.config.context_length
         ids = input_ids if input_ids is not None and input_ids.numel() else None
         if ids is not None and (ids.is_floating_point() or ids.dtype == torch.bool):
             raise ValueError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
@@ -195,8 +205,8 @@ class QwenSiglipModel(QwenSiglipPreTrainedModel):
         if end > context:
             raise ValueError(
                 f"The sequence reaches position {end} ({past_length} cached + {length} new tokens), past the LM's "
-                f"context of {context} tokens (text_config.max_position_embeddings). Shorten the prompt, or lower "
-                "max_new_tokens so that prompt + new tokens fit."
+                f"context of {context} tokens (config.context_length: max_position_embeddings, rope scaling "
+                "included). Shorten the prompt, or lower max_new_tokens so that prompt + new tokens fit."
             )
 
     @can_return_tuple
@@ -231,14 +241,8 @@ class QwenSiglipModel(QwenSiglipPreTrainedModel):
         # Otherwise, with a cache: pixel_values with no placeholder left in the new tokens were consumed at prefill
         # (a continuation re-passing them), and an image token with no pixels (one the model generated, or a
         # continuation's) stays a plain token embedding, as in LLaVA: decoding must never raise over it.
-        return self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=use_cache,
-            **kwargs,
-        )
+        lm_kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=use_cache)
+        return self.language_model(inputs_embeds=inputs_embeds, **lm_kwargs, **kwargs)
 
 
 class QwenSiglipForConditionalGeneration(QwenSiglipPreTrainedModel, GenerationMixin):
@@ -266,12 +270,8 @@ class QwenSiglipForConditionalGeneration(QwenSiglipPreTrainedModel, GenerationMi
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
 
-    def get_image_features(
-        self, pixel_values: torch.FloatTensor, vision_feature_layer: int | list[int] | None = None, **kwargs
-    ) -> BaseModelOutputWithPooling:
-        return self.model.get_image_features(
-            pixel_values=pixel_values, vision_feature_layer=vision_feature_layer, **kwargs
-        )
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+        return self.model.get_image_features(pixel_values=pixel_values, **kwargs)
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -288,17 +288,9 @@ class QwenSiglipForConditionalGeneration(QwenSiglipPreTrainedModel, GenerationMi
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        out = self.model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            return_dict=True,
-            **kwargs,
-        )
+        inputs = dict(input_ids=input_ids, pixel_values=pixel_values, inputs_embeds=inputs_embeds)
+        lm_kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=use_cache)
+        out = self.model(**inputs, **lm_kwargs, return_dict=True, **kwargs)
         hidden = out.last_hidden_state  # (B, L, D)
         # Generation only needs the last position's logits: skip the (B, L, vocab) matmul for the rest.
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -308,77 +300,8 @@ class QwenSiglipForConditionalGeneration(QwenSiglipPreTrainedModel, GenerationMi
             if input_ids is not None:  # image tokens are inputs, never targets, whatever the collator did
                 labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
             loss = self.loss_function(logits, labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            cache=out.cache,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
-        )
-
-    @classmethod
-    def from_pretrained_parts(
-        cls, vision: str, text: str, dtype: torch.dtype | str | None = None, **config_kwargs
-    ) -> "QwenSiglipForConditionalGeneration":
-        """Compose a fresh model from a SigLIP checkpoint and a Qwen2 causal LM checkpoint (Hub ids or folders).
-
-        Every base weight is loaded strictly: a missing or mis-shaped tensor raises. Only the projector starts
-        from random init. SigLIP's pooling head and post-layernorm (and, for a full SigLIP checkpoint, its text
-        half) are dropped on purpose: the VLM never uses them, and unused parameters break DDP. The generation
-        config suppresses the image token: a generated one would have no image behind it.
-        """
-        tower = _load_vision_base(vision, dtype)
-        lm, lm_info = AutoModelForCausalLM.from_pretrained(text, dtype=dtype, output_loading_info=True)
-        _raise_on_bad_load(text, lm_info)
-        if "image_token_id" not in config_kwargs:  # Qwen's <|image_pad|>, wherever this tokenizer has it
-            tokenizer = AutoTokenizer.from_pretrained(text)
-            config_kwargs["image_token_id"] = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        config = QwenSiglipConfig(vision_config=tower.config, text_config=lm.config, **config_kwargs)
-        model = cls(config).to(lm.dtype)
-        # strict, less the post-layernorm our tower does not have (QwenSiglipModel says why)
-        tower_weights = {k: v for k, v in tower.state_dict().items() if not k.startswith("post_layernorm.")}
-        model.model.vision_tower.load_state_dict(tower_weights, strict=True)
-        model.model.language_model.load_state_dict(lm.model.state_dict(), strict=True)
-        if not config.tie_word_embeddings:  # a tied head already shares the embedding matrix just loaded
-            model.lm_head.load_state_dict(lm.lm_head.state_dict(), strict=True)
-        # Only <|image_pad|> is suppressed: fed back, it is a placeholder with no image behind it (the one token
-        # the merge treats specially). <|vision_start|>/<|vision_end|> are plain tokens to the model; never trained
-        # as targets, they are unlikely, and harmless if produced (skip_special_tokens drops them from the text).
-        model.generation_config.update(**_generation_defaults(lm), suppress_tokens=[config.image_token_id])
-        model.config.name_or_path = ""
-        return model
-
-
-def _load_vision_base(path: str, dtype) -> nn.Module:
-    """Load SigLIP's vision tower alone, from a full SiglipModel checkpoint or a vision-only one."""
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "vision_config"):  # full SigLIP (vision + text): keep the vision half
-        config = config.vision_config
-    config.vision_use_head = False
-    # transformers would print every dropped key as UNEXPECTED; they are dropped on purpose, so say it once instead.
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        tower, info = AutoModel.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
-    finally:
-        logging.set_verbosity(verbosity)
-    _raise_on_bad_load(path, info)
-    if info.get("unexpected_keys"):
-        logger.info(f"{path}: dropped {len(info['unexpected_keys'])} tensors the VLM never uses (text half, head)")
-    return tower
-
-
-def _raise_on_bad_load(path: str, info: dict) -> None:
-    """Unexpected keys are fine (SigLIP's text half and head); missing or mis-shaped ones are not."""
-    problems = {k: info.get(k) for k in ("missing_keys", "mismatched_keys") if info.get(k)}
-    if problems:
-        raise ValueError(f"Base checkpoint {path!r} does not fit the architecture: {problems}")
-
-
-def _generation_defaults(lm: PreTrainedModel) -> dict:
-    """Carry the LM's end-of-turn and padding tokens over, so generation stops where the LM would."""
-    g = lm.generation_config
-    return {k: getattr(g, k) for k in ("eos_token_id", "pad_token_id", "bos_token_id") if getattr(g, k) is not None}
+        states = dict(cache=out.cache, hidden_states=out.hidden_states, attentions=out.attentions)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **states)
 
 
 # save_pretrained copies this file (and the config file it imports) beside the weights; config.auto_map lists the

@@ -1,35 +1,32 @@
 """QwenSiglip processor: SigLIP's image processor + the Qwen2 tokenizer + a ChatML chat template.
 
 Notable:
-- An image is written `<|vision_start|><|image_pad|><|vision_end|>` in text and the single `<|image_pad|>` is
-  expanded to `num_image_tokens` copies (196 for SigLIP-base-224) by transformers' generic `ProcessorMixin.__call__`.
-  All three are tokens of Qwen's own vocabulary.
+- An image is written `<|vision_start|><|image_pad|><|vision_end|>` (Qwen's own tokens) and the `<|image_pad|>` is
+  expanded to `num_image_tokens` copies (196 for SigLIP-base-224) by transformers' `ProcessorMixin.__call__`.
 - Raw text given to `processor(text=...)` is the template's own language: `<image>` (LLaVA's placeholder) or the
   triple is an image, any other special-token string is that control token. `<image>\n?` is one rule shared with
   data.split_placeholders, so "<image>\nQuestion" gives exactly the tokens a training record with it gave.
 - Text inside chat messages is always text: the template escapes `<|` and `<image>` with a zero-width space, so a
   typed `<|im_start|>assistant\n`, `<|image_pad|>` or `<image>` never becomes a control token, an image or a target.
-- The chat template is Qwen ChatML with `{"type": "image"}` / `{"type": "text"}` content; assistant turns sit
-  inside `{% generation %}` (end-of-turn token included) so TRL, `return_assistant_tokens_mask` and our collator
-  find them.
-- No default system prompt is injected (Qwen2.5-Instruct's template adds one): what the template renders is exactly
-  what the messages say.
+- The chat template is Qwen ChatML with typed content and no default system prompt (Qwen2.5-Instruct's adds one);
+  assistant turns sit inside `{% generation %}` (end-of-turn token included) for TRL and our collator.
 - Placeholder/image count mismatches are caught per sample, before any tokenizing, with a message that says which.
 """
 
 import re
 
-from transformers import AutoTokenizer, ProcessorMixin, SiglipImageProcessorPil
+from transformers import ProcessorMixin
 from transformers.image_utils import make_flat_list_of_images
 
-IMAGE_TOKEN = "<|image_pad|>"
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"  # one image, before expansion
+# The one definition of Qwen's vision tokens in this repo: the trainer, the exports and the tests import them.
+VISION_START, IMAGE_TOKEN, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
+IMAGE_PLACEHOLDER = VISION_START + IMAGE_TOKEN + VISION_END  # one image, before expansion
 # LLaVA's `<image>` in raw text is one image, and the newline right after it belongs to the placeholder: LLaVA writes
 # "<image>\nQuestion" where our template writes the image right before the text. (Not a newline before it: in a raw
 # prompt that is the template's own "<|im_start|>user\n".) data.split_placeholders splits training records on this
 # same pattern, so raw prompts and training prompts tokenize alike. An `<image>` already wrapped in the vision tokens
 # (how the LLaVA export's template writes it) is the same one image, not wrapped twice.
-LLAVA_PLACEHOLDER_RE = re.compile(r"(?:<\|vision_start\|>)?<image>(?:<\|vision_end\|>)?\n?")
+LLAVA_PLACEHOLDER_RE = re.compile(f"(?:{re.escape(VISION_START)})?<image>(?:{re.escape(VISION_END)})?\n?")
 
 # Typed special tokens in chat text: a zero-width space after the '<' of `<|...|>` and of `<image>` keeps them plain
 # text (they tokenize as ordinary characters), so no user or assistant text can open a turn, end one, or add an image.
@@ -41,7 +38,7 @@ CHAT_TEMPLATE = (
     "{%- if message['content'] is string -%}{%- set text = text_of(message['content']) -%}"
     "{%- else -%}{%- set ns = namespace(text='') -%}"
     "{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' -%}{%- set ns.text = ns.text + '<|vision_start|><|image_pad|><|vision_end|>' -%}"
+    "{%- if item['type'] == 'image' -%}{%- set ns.text = ns.text + '" + IMAGE_PLACEHOLDER + "' -%}"
     "{%- elif item['type'] == 'text' -%}{%- set ns.text = ns.text + text_of(item['text']) -%}{%- endif -%}"
     "{%- endfor -%}{%- set text = ns.text -%}{%- endif -%}"
     "{%- if message['role'] == 'assistant' -%}"
@@ -74,19 +71,13 @@ class QwenSiglipProcessor(ProcessorMixin):
 
     def _check_placeholder_counts(self, images, text: list[str]) -> None:
         counts = [sample.count(IMAGE_TOKEN) for sample in text]
-        if images is None:
-            n_images = 0
-        elif (
-            isinstance(images, (list, tuple))
-            and len(images) == len(text)
-            and all(isinstance(x, (list, tuple)) for x in images)
-        ):  # one list of images per sample: check each sample on its own
+        nested = isinstance(images, (list, tuple)) and len(images) == len(text)
+        if nested and all(isinstance(x, (list, tuple)) for x in images):  # a list per sample: check each on its own
             for i, (n, imgs) in enumerate(zip(counts, images)):
                 if n != len(imgs):
                     raise ValueError(f"Sample {i} has {n} image placeholder(s) but {len(imgs)} image(s) were given")
             return
-        else:
-            n_images = len(make_flat_list_of_images(images))
+        n_images = 0 if images is None else len(make_flat_list_of_images(images))
         if sum(counts) != n_images:
             raise ValueError(
                 f"The text has {sum(counts)} image placeholder(s) (per sample: {counts}) but {n_images} image(s) "
@@ -95,17 +86,6 @@ class QwenSiglipProcessor(ProcessorMixin):
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return IMAGE_TOKEN * self.num_image_tokens
-
-    @classmethod
-    def from_pretrained_parts(cls, vision: str, text: str, num_image_tokens: int) -> "QwenSiglipProcessor":
-        """Build the processor of a fresh model from its two bases (Hub ids or folders), e.g. SigLIP + Qwen2.5.
-
-        `num_image_tokens` must equal the model config's `num_image_tokens`.
-        """
-        # The PIL backend needs no torchvision; SigLIP's own preprocessor_config.json gives size and normalisation.
-        image_processor = SiglipImageProcessorPil.from_pretrained(vision)
-        tokenizer = AutoTokenizer.from_pretrained(text)
-        return cls(image_processor, tokenizer, num_image_tokens=num_image_tokens)
 
 
 QwenSiglipProcessor.register_for_auto_class()  # save_pretrained copies this file and writes its auto_map

@@ -20,16 +20,16 @@ import sys
 import time
 from pathlib import Path
 
-import synthetic
-from tiny import save_tiny_bases
+from qwen_siglip import synthetic
+from qwen_siglip.tiny import save_tiny_bases
 
 ROOT = Path(__file__).resolve().parent
 
 
-# The tiny bases: 128 wide (64 was too narrow to tie each colour and shape to its cell in 500 caption steps: 9% of
-# held-out captions right vs 100%), with random weights of std ~1/sqrt(width) instead of Qwen's 0.02 (see tiny.py).
+# The tiny bases: 128 wide (64 is too narrow to tie each colour and shape to its cell in stage 1), with random weights
+# of std ~1/sqrt(width) instead of Qwen's 0.02 (see tiny.py).
 BASES = dict(hidden=128, layers=2, heads=4, initializer_range=0.08)
-STEP = re.compile(r"step (\d+)/(\d+) loss ([\d.]+)")  # training.ProgressLog's line
+STEP = re.compile(r"step (\d+)/(\d+) loss ([\d.]+)")  # trainer.ProgressLog's line
 
 
 def stage(title: str, script: str, recipe: str, log: Path, *args: str) -> None:
@@ -57,7 +57,7 @@ def quiet(log: Path):
         yield
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="outputs/quickstart")
     parser.add_argument("--n-pretrain", type=int, default=20000)
@@ -65,17 +65,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n-test", type=int, default=400)
     parser.add_argument("--sft-epochs", type=float, default=None, help="override the recipe's epochs")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    out, t0 = Path(args.out), time.time()
+    return parser.parse_args(argv)
 
-    data = synthetic.make_shapes_dataset(
-        out / "data", n_pretrain=args.n_pretrain, n_sft=args.n_sft, n_test=args.n_test,
-        n_caption_test=max(1, args.n_test // 4), seed=args.seed,
-    )  # fmt: skip
-    texts = synthetic.corpus_texts(data.values())
-    with quiet(out / "bases.log"):
-        vision, text = save_tiny_bases(out / "bases", texts, image_size=synthetic.IMAGE_SIZE, seed=args.seed, **BASES)
-    print(f"synthetic shapes data and tiny random bases in {out} ({time.time() - t0:.0f} s); logs: {out}/*.log")
+
+def train(args: argparse.Namespace, out: Path, data: dict[str, Path], vision: Path, text: Path) -> Path:
+    """Both stages through the real scripts; returns the stage-2 folder."""
     common = ["--seed", str(args.seed)]
     stage("stage 1 (align)", "train_pretrain.py", "quickstart_pretrain.yaml", out / "pretrain.log",
           "--vision_model", str(vision), "--text_model", str(text), "--dataset_name", str(data["pretrain"]),
@@ -84,33 +78,39 @@ def main(argv: list[str] | None = None) -> dict:
     stage("stage 2 (instructions)", "train_sft.py", "quickstart_sft.yaml", out / "sft.log",
           "--model_name_or_path", str(out / "pretrain"), "--dataset_name", str(data["sft_train"]),
           "--output_dir", str(out / "sft"), *common, *sft_args)  # fmt: skip
+    return out / "sft"
 
-    import evaluate
+
+def evaluate(checkpoint: Path, data: dict[str, Path], log: Path) -> dict:
+    """Held-out questions and captions through `evaluate_vlm.py`, as a user would run it."""
+    import evaluate_vlm
 
     print("  evaluating on held-out images", flush=True)
-    with quiet(out / "evaluate.log"):
-        result = evaluate.main(["--model", str(out / "sft"), "--dataset", str(data["sft_test"]), "--batch_size", "64",
-                                "--max_new_tokens", "8"])  # fmt: skip
-        captions = evaluate.main(
-            [
-                "--model",
-                str(out / "sft"),
-                "--dataset",
-                str(data["caption_test"]),
-                "--batch_size",
-                "64",
-                "--max_new_tokens",
-                "48",
-                "--scorer",
-                "synthetic:caption_correct",
-                "--output_dir",
-                str(out / "sft" / "eval" / "captions"),
-            ]
-        )
-    captions = captions["summary"]
-    summary = {**result["summary"], "chance": synthetic.chance_accuracy(data["sft_test"]), "seconds": time.time() - t0}
-    summary |= {"captions": captions["examples"], "caption_correct": captions["caption_correct"]}
-    summary["blind_caption_correct"] = captions["blind_caption_correct"]
+    common = ["--model", str(checkpoint), "--batch_size", "64"]
+    with quiet(log):
+        questions = evaluate_vlm.main([*common, "--dataset", str(data["sft_test"]), "--max_new_tokens", "8"])
+        captions = evaluate_vlm.main([*common, "--dataset", str(data["caption_test"]), "--max_new_tokens", "48",
+                                      "--scorer", "qwen_siglip.synthetic:caption_correct",
+                                      "--output_dir", str(checkpoint / "eval" / "captions")])  # fmt: skip
+    summary, captions = questions["summary"], captions["summary"]
+    summary |= {"chance": synthetic.chance_accuracy(data["sft_test"]), "captions": captions["examples"]}
+    summary |= {k: captions[k] for k in ("caption_correct", "blind_caption_correct")}
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    out, t0 = Path(args.out), time.time()
+    data = synthetic.make_shapes_dataset(
+        out / "data", n_pretrain=args.n_pretrain, n_sft=args.n_sft, n_test=args.n_test,
+        n_caption_test=max(1, args.n_test // 4), seed=args.seed,
+    )  # fmt: skip
+    texts = synthetic.corpus_texts(data.values())
+    with quiet(out / "bases.log"):
+        vision, text = save_tiny_bases(out / "bases", texts, image_size=synthetic.IMAGE_SIZE, seed=args.seed, **BASES)
+    print(f"synthetic shapes data and tiny random bases in {out} ({time.time() - t0:.0f} s); logs: {out}/*.log")
+    checkpoint = train(args, out, data, vision, text)
+    summary = {**evaluate(checkpoint, data, out / "evaluate.log"), "seconds": time.time() - t0}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(
         f"held-out exact match {summary['exact_match']:.1%} | blind baseline {summary['blind_exact_match']:.1%} | "
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"held-out captions all right {summary['caption_correct']:.1%} | blind baseline "
         f"{summary['blind_caption_correct']:.1%} | {summary['captions']} captions (every colour, shape, position and "
         "count word, English and Chinese)\n"
-        f"checkpoint: {out / 'sft'} (loads with AutoModelForCausalLM/AutoProcessor, trust_remote_code=True)"
+        f"checkpoint: {checkpoint} (loads with AutoModelForCausalLM/AutoProcessor, trust_remote_code=True)"
     )
     return summary
 

@@ -13,7 +13,7 @@ or, spelled out:
         --output_dir outputs/qwen-siglip-pretrain
 """
 
-from training import PRETRAIN_DEFAULTS, main
+from qwen_siglip.training import main
 
 if __name__ == "__main__":
-    main(PRETRAIN_DEFAULTS)
+    main("pretrain")

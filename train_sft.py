@@ -14,7 +14,7 @@ or, spelled out:
         --output_dir outputs/qwen-siglip-sft
 """
 
-from training import SFT_DEFAULTS, main
+from qwen_siglip.training import main
 
 if __name__ == "__main__":
-    main(SFT_DEFAULTS)
+    main("sft")

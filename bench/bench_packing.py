@@ -26,16 +26,16 @@ import random
 import statistics
 from pathlib import Path
 
-from machine import MemoryProbe
-from models import LLAVA, OURS, WORDS, to_device
 from PIL import Image, ImageDraw
-from train_step import _paired, make_optimizer, step
 from trl.trainer.utils import add_fused_lm_head
 
-from collator import VLMCollator
-from data import load_vlm_dataset
-from packing import LengthGroupedBatchSampler, PackedBatchSampler, PaddingFreeCollator, cheap_lengths
-from training import freeze
+from bench.machine import MemoryProbe
+from bench.models import LLAVA, OURS, WORDS, to_device
+from bench.train_step import _paired, make_optimizer, step
+from qwen_siglip.collator import VLMCollator
+from qwen_siglip.data import load_vlm_dataset
+from qwen_siglip.packing import LengthGroupedBatchSampler, PackedBatchSampler, PaddingFreeCollator, cheap_lengths
+from qwen_siglip.training import freeze
 
 MIX = {"caption": 0.5, "short_vqa": 0.3, "long_multi_turn": 0.2}
 VARIANTS = ["llava", "ours-padded", "ours-grouped", "ours-padding-free", "ours-packed"]
@@ -103,44 +103,11 @@ def bench_packing(models: dict, processor, folder: Path, args) -> dict:
     dataset = load_vlm_dataset(str(data_path))
     examples = [dataset[i] for i in range(len(dataset))]
     lengths = cheap_lengths(dataset, processor, args.pack_max_length)
-    plans = plan_batches(lengths, args)
-    padded_c = VLMCollator(processor, max_length=args.pack_max_length)
-    free_c = PaddingFreeCollator(processor, max_length=args.pack_max_length)
-    collate = {v: free_c if v in ("ours-padding-free", "ours-packed") else padded_c for v in VARIANTS}
-    batches = {
-        v: [to_device(collate[v]([examples[i] for i in idx]), args.device, args.dtype) for idx in plans[v]]
-        for v in VARIANTS
-    }
+    batches = make_batches(examples, processor, plan_batches(lengths, args), args)
     attn = flash_or_sdpa(args.device)
     before = models[OURS].config.get_text_config()._attn_implementation
-    model_of = {v: models[LLAVA] if v == "llava" else models[OURS] for v in VARIANTS}
-    for name in (OURS, LLAVA):
-        models[name].set_attn_implementation(attn)
-        freeze(models[name], SFT_MODULES)
-        models[name].train()
-        models[name].activation_checkpointing_enable()  # stage 2 as the SFT recipes run it
-    for name in (OURS, LLAVA):
-        add_fused_lm_head(models[name], outputs=("log_probs", "entropy", "is_top1"))
-    params = list(
-        {id(p): p for m in (models[OURS], models[LLAVA]) for p in m.parameters() if p.requires_grad}.values()
-    )
-    optimizer = make_optimizer(params)
-    smallest = min(batches["llava"], key=lambda x: x["input_ids"].numel())
-    for v in ("llava", "ours-padded"):  # untimed warm-up: first-step costs (threads, allocator) on both models
-        step(model_of[v], smallest, optimizer, params, args.device)
-
-    probe = MemoryProbe(args.device)
-    stats = {v: {"times": [], "busy": [], "peak_mb": 0.0, "step_mb": 0.0} for v in VARIANTS}
-    for r in range(args.pack_repeats):
-        order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]  # each variant takes each slot in turn
-        for v in order:
-            stats[v]["busy"].append(args.gate.wait())
-            probe.start()
-            t = sum(sum(step(model_of[v], b, optimizer, params, args.device)) for b in batches[v])
-            peak, grown = probe.stop()
-            stats[v]["times"].append(t)
-            stats[v]["peak_mb"], stats[v]["step_mb"] = max(stats[v]["peak_mb"], peak), max(stats[v]["step_mb"], grown)
-        print("  packing repeat", r + 1, ", ".join(f"{v} {s['times'][-1]:.1f}s" for v, s in stats.items()), flush=True)
+    params = prepare_for_stage2(models, attn)
+    stats = time_variants(models, batches, params, args)
     for name in (OURS, LLAVA):
         del models[name].forward
         models[name].activation_checkpointing_disable()
@@ -158,6 +125,53 @@ def bench_packing(models: dict, processor, folder: Path, args) -> dict:
         "max_length": args.pack_max_length,
         "repeats": args.pack_repeats,
     }
+
+
+def make_batches(examples: list[dict], processor, plans: dict, args) -> dict[str, list[dict]]:
+    """Every variant's batches, collated up front (padded, or padding-free for the padding-free and packed ones)."""
+    padded_c = VLMCollator(processor, max_length=args.pack_max_length)
+    free_c = PaddingFreeCollator(processor, max_length=args.pack_max_length)
+    collate = {v: free_c if v in ("ours-padding-free", "ours-packed") else padded_c for v in VARIANTS}
+    return {
+        v: [to_device(collate[v]([examples[i] for i in idx]), args.device, args.dtype) for idx in plans[v]]
+        for v in VARIANTS
+    }
+
+
+def prepare_for_stage2(models: dict, attn: str) -> list:
+    """Both models set up as the SFT recipes train (frozen tower, activation checkpointing, TRL's fused LM head);
+    returns the trainable parameters (shared between the two)."""
+    for name in (OURS, LLAVA):
+        models[name].set_attn_implementation(attn)
+        freeze(models[name], SFT_MODULES)
+        models[name].train()
+        models[name].activation_checkpointing_enable()  # stage 2 as the SFT recipes run it
+    for name in (OURS, LLAVA):
+        add_fused_lm_head(models[name], outputs=("log_probs", "entropy", "is_top1"))
+    trainable = {id(p): p for m in (models[OURS], models[LLAVA]) for p in m.parameters() if p.requires_grad}
+    return list(trainable.values())
+
+
+def time_variants(models: dict, batches: dict, params: list, args) -> dict:
+    """Per variant: the seconds of each repeat's pass over its batches, CPU busy before it, peak memory."""
+    model_of = {v: models[LLAVA] if v == "llava" else models[OURS] for v in VARIANTS}
+    optimizer = make_optimizer(params)
+    smallest = min(batches["llava"], key=lambda x: x["input_ids"].numel())
+    for v in ("llava", "ours-padded"):  # untimed warm-up: first-step costs (threads, allocator) on both models
+        step(model_of[v], smallest, optimizer, params, args.device)
+    probe = MemoryProbe(args.device)
+    stats = {v: {"times": [], "busy": [], "peak_mb": 0.0, "step_mb": 0.0} for v in VARIANTS}
+    for r in range(args.pack_repeats):
+        order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]  # each variant takes each slot in turn
+        for v in order:
+            stats[v]["busy"].append(args.gate.wait())
+            probe.start()
+            t = sum(sum(step(model_of[v], b, optimizer, params, args.device)) for b in batches[v])
+            peak, grown = probe.stop()
+            stats[v]["times"].append(t)
+            stats[v]["peak_mb"], stats[v]["step_mb"] = max(stats[v]["peak_mb"], peak), max(stats[v]["step_mb"], grown)
+        print("  packing repeat", r + 1, ", ".join(f"{v} {s['times'][-1]:.1f}s" for v, s in stats.items()), flush=True)
+    return stats
 
 
 def _row(variant: str, batches: list[dict], s: dict, llava: dict, n_samples: int) -> dict:

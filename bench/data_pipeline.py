@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from collator import VLMCollator
+from qwen_siglip.collator import VLMCollator
 
 
 def bench_data(dataset, collator: VLMCollator, batch_size: int, workers: int) -> dict:

@@ -10,10 +10,11 @@ import statistics
 import time
 
 import torch
-from machine import sync
-from models import LLAVA, OURS, QUESTION, to_device
-from train_step import _paired, running_orders
 from transformers import GenerationConfig, StoppingCriteria
+
+from bench.machine import sync
+from bench.models import LLAVA, OURS, QUESTION, to_device
+from bench.train_step import _paired, running_orders
 
 
 class TokenClock(StoppingCriteria):

@@ -4,8 +4,8 @@ Notable:
 - Peak memory of a step: GPU max_memory_allocated; CPU the resident high-water mark (VmHWM), reset right before
   the step after malloc_trim so cached free pages cannot hide the step's allocations.
 - Pitfall, shared small machines: two 2-thread jobs on 2 cores wait on each other at every barrier, so a step can take
-  6x longer and a decode step 15x, in bursts. --threads 1 keeps the ratios stable there (+-5%); --quiet-wait S waits
-  up to S s for an idle CPU before each measurement (QuietGate). Every measurement records how busy the CPU was.
+  several times longer, in bursts. --threads 1 keeps the ratios steadier there; --quiet-wait S waits up to S s for an
+  idle CPU before each measurement (QuietGate). Every measurement records how busy the CPU was.
 """
 
 import ctypes
@@ -71,7 +71,7 @@ class QuietGate:
     """Before each timed measurement, wait (bounded) until no other process keeps the CPU busy.
 
     On a small shared machine a neighbour's multi-threaded job does not slow a step by a constant factor: both sets of
-    threads spin at barriers and a step can take 6x longer, decode 15x. Ratios taken across such a period are noise,
+    threads spin at barriers and a step can take several times longer. Ratios taken across such a period are noise,
     so measurements start on a quiet machine when one comes within `max_wait` seconds (`budget` in all); each records
     how busy the machine was just before it started.
     """

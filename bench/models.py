@@ -6,7 +6,7 @@ Notable:
   Parameter objects (to_llava shares storage only), so one optimizer serves both and the weights never drift apart.
   Logits are checked equal before anything is timed.
 - ours-ps2: ours with pixel_shuffle_factor=2 (49 image tokens); the same tower and LM tensors, its own projector.
-- Random init: seeded N(0, initializer_range) matrices, zero biases, unit norms (transformers' init is 4x slower).
+- Random init: seeded N(0, initializer_range) matrices, zero biases, unit norms (faster than transformers' init).
 - Data: LLaVA-format records on JPEGs written here (640x480, COCO-like), read by the real data module and collator.
 """
 
@@ -20,9 +20,9 @@ from transformers import SiglipImageProcessorPil
 from transformers.initialization import no_init_weights
 
 from configuration_qwen_siglip import QwenSiglipConfig
-from export_llava import to_llava
 from modeling_qwen_siglip import QwenSiglipForConditionalGeneration
 from processing_qwen_siglip import QwenSiglipProcessor
+from qwen_siglip.llava import to_llava
 
 OURS, LLAVA, OURS_PS2 = "ours", "llava", "ours-ps2"
 QUESTION = "Describe this image."
@@ -64,7 +64,7 @@ def build_processor(tokenizer, num_image_tokens: int) -> QwenSiglipProcessor:
 
 
 def random_init(model: torch.nn.Module, seed: int, std: float) -> None:
-    """Seeded N(0, std) matrices, zero biases, unit norm weights (transformers' init is 4x slower on 2 cores)."""
+    """Seeded N(0, std) matrices, zero biases, unit norm weights (transformers' own init is slower)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -1,7 +1,7 @@
 """The report: the issue's targets (met, missed, or missed within the noise) and the README's markdown tables."""
 
-from models import LLAVA, OURS, OURS_PS2
-from train_step import CHECKPOINTING, STAGES
+from bench.models import LLAVA, OURS, OURS_PS2
+from bench.train_step import CHECKPOINTING, STAGES
 
 
 def targets(results: dict) -> list[dict]:
@@ -54,60 +54,16 @@ def _target(name: str, value: float, goal: float, spread: list[float] | None = N
 
 
 def table(results: dict) -> str:
-    m, s = results["machine"], results["settings"]
-    lines = [
-        f"Machine: {m.get('gpu') or m['cpu']} ({m['cpu_cores']} CPU cores, {m['torch_threads']} torch threads), "
-        f"torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']}; {s['dtype']}; peak matmul "
-        f"{results['peak_matmul']['flops_per_s'] / 1e9:.0f} GFLOP/s; ours vs LLaVA logits max |diff| "
-        f"{results['logits_max_abs_diff']:.2g}; load average {results['load_average']['start'][0]:.1f} at start, "
-        f"{results['load_average']['end'][0]:.1f} at end; {results['quiet_gate']['measurements_started_busy']} "
-        f"measurements started while another process kept the CPU busy.",
-        "",
-    ]
+    """Every section's markdown table (the README's Performance section), the machine first."""
+    lines = [machine_line(results), ""]
     if results.get("training"):
-        lines += [
-            f"Training step, batch {s['batch_size']} (SFTTrainer's: fused LM head, fwd+bwd, clip, fused AdamW; "
-            f"activation checkpointing: {CHECKPOINTING[s['gradient_checkpointing']]}); "
-            f"median of {s['repeats']}, vs LLaVA = paired samples/s ratio (range over repeats)",
-            "",
-            "| stage | model | img tok | tok/batch | samples/s | tokens/s | vs LLaVA | optim s | MFU | GFLOP | "
-            "aten ops | step MB | saved MB | grad MB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in results["training"]:
-            lo, hi = r["speed_vs_llava_range"]
-            lines.append(
-                f"| {r['stage']} | {r['model']} | {r['image_tokens']} | {r['tokens_per_batch']} | "
-                f"{r['samples_per_s']:.3g} | {r['tokens_per_s']:.3g} | "
-                f"{r['speed_vs_llava']:.2f}x ({lo:.2f}-{hi:.2f}) | "
-                f"{r['optimizer_s']:.2f} | {r['mfu']:.0%} | {r['flops_per_step'] / 1e9:.0f} | "
-                f"{r['aten_ops_per_step']} | {r['step_mb']:.0f} | {r['saved_mb']:.0f} | {r['grad_mb']:.0f} |"
-            )
-        lines.append("")
+        lines += training_table(results["training"], results["settings"]) + [""]
     if results.get("generation"):
-        lines += [
-            f"Generation: greedy, KV cache, {s['new_tokens']} new tokens; median of {s['gen_repeats']}",
-            "",
-            "| batch | model | prompt tok | first token s | vs LLaVA | decode tok/s | vs LLaVA |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in results["generation"]:
-            lo, hi = r["decode_vs_llava_range"]
-            lines.append(
-                f"| {r['batch']} | {r['model']} | {r['prompt_tokens']} | {r['ttft_s']:.3g} | "
-                f"{r['ttft_speed_vs_llava']:.2f}x | {r['decode_tokens_per_s']:.3g} | "
-                f"{r['decode_vs_llava']:.2f}x ({lo:.2f}-{hi:.2f}) |"
-            )
-        lines.append("")
+        lines += generation_table(results["generation"], results["settings"]) + [""]
     if results.get("data"):
-        lines += [
-            f"Data pipeline (JPEG decode, resize, tokenize, pad), batch {s['batch_size']}",
-            "",
-            "| workers | samples/s |",
-            "|---|---|",
-        ]
-        lines += [f"| {r['workers']} | {r['samples_per_s']:.3g} |" for r in results["data"]]
-        lines.append("")
+        lines += [f"Data pipeline (JPEG decode, resize, tokenize, pad), batch {results['settings']['batch_size']}", ""]
+        lines += ["| workers | samples/s |", "|---|---|"]
+        lines += [f"| {r['workers']} | {r['samples_per_s']:.3g} |" for r in results["data"]] + [""]
     if results.get("packing"):
         lines += packing_table(results["packing"]) + [""]
     if results.get("targets"):
@@ -116,6 +72,57 @@ def table(results: dict) -> str:
             met = "yes" if t["met"] else ("no (within noise)" if t["within_noise"] else "no")
             lines.append(f"| {t['target']} | {t['value']:.2f}x | {t['goal']:g}x | {met} |")
     return "\n".join(lines)
+
+
+def machine_line(results: dict) -> str:
+    m, s = results["machine"], results["settings"]
+    return (
+        f"Machine: {m.get('gpu') or m['cpu']} ({m['cpu_cores']} CPU cores, {m['torch_threads']} torch threads), "
+        f"torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']}; {s['dtype']}; peak matmul "
+        f"{results['peak_matmul']['flops_per_s'] / 1e9:.0f} GFLOP/s; ours vs LLaVA logits max |diff| "
+        f"{results['logits_max_abs_diff']:.2g}; load average {results['load_average']['start'][0]:.1f} at start, "
+        f"{results['load_average']['end'][0]:.1f} at end; {results['quiet_gate']['measurements_started_busy']} "
+        f"measurements started while another process kept the CPU busy."
+    )
+
+
+def training_table(rows: list[dict], s: dict) -> list[str]:
+    lines = [
+        f"Training step, batch {s['batch_size']} (SFTTrainer's: fused LM head, fwd+bwd, clip, fused AdamW; "
+        f"activation checkpointing: {CHECKPOINTING[s['gradient_checkpointing']]}); "
+        f"median of {s['repeats']}, vs LLaVA = paired samples/s ratio (range over repeats)",
+        "",
+        "| stage | model | img tok | tok/batch | samples/s | tokens/s | vs LLaVA | optim s | MFU | GFLOP | "
+        "aten ops | step MB | saved MB | grad MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lo, hi = r["speed_vs_llava_range"]
+        lines.append(
+            f"| {r['stage']} | {r['model']} | {r['image_tokens']} | {r['tokens_per_batch']} | "
+            f"{r['samples_per_s']:.3g} | {r['tokens_per_s']:.3g} | "
+            f"{r['speed_vs_llava']:.2f}x ({lo:.2f}-{hi:.2f}) | "
+            f"{r['optimizer_s']:.2f} | {r['mfu']:.0%} | {r['flops_per_step'] / 1e9:.0f} | "
+            f"{r['aten_ops_per_step']} | {r['step_mb']:.0f} | {r['saved_mb']:.0f} | {r['grad_mb']:.0f} |"
+        )
+    return lines
+
+
+def generation_table(rows: list[dict], s: dict) -> list[str]:
+    lines = [
+        f"Generation: greedy, KV cache, {s['new_tokens']} new tokens; median of {s['gen_repeats']}",
+        "",
+        "| batch | model | prompt tok | first token s | vs LLaVA | decode tok/s | vs LLaVA |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lo, hi = r["decode_vs_llava_range"]
+        lines.append(
+            f"| {r['batch']} | {r['model']} | {r['prompt_tokens']} | {r['ttft_s']:.3g} | "
+            f"{r['ttft_speed_vs_llava']:.2f}x | {r['decode_tokens_per_s']:.3g} | "
+            f"{r['decode_vs_llava']:.2f}x ({lo:.2f}-{hi:.2f}) |"
+        )
+    return lines
 
 
 def packing_table(p: dict) -> list[str]:

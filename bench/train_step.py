@@ -7,12 +7,11 @@ Notable:
   train_sft.py's defaults and the SFT recipes.
 - Checkpointing is where ours and LLaVA part: enabling it (Trainer: gradient_checkpointing_enable) also calls
   enable_input_require_grads, which hooks every sub-model's input embeddings, SigLIP's patch embedding included.
-  LLaVA then backpropagates through (and recomputes) its frozen tower: 7.6% more FLOPs per stage-2 step. Ours runs
-  a frozen tower under no_grad, so the hook cannot reach it.
+  LLaVA then backpropagates through (and recomputes) its frozen tower: more FLOPs per stage-2 step (the table's
+  GFLOP column). Ours runs a frozen tower under no_grad, so the hook cannot reach it.
 - Order: ours-ps2 first in every repeat, then ours and LLaVA alternating which goes first, after an untimed
   full-size step. A step that follows a smaller one (or the memory probes' heap trim) pays page faults to regrow the
-  heap: a plain rotation of three always put ours right after ours-ps2 and made it look 4% slower than LLaVA in
-  stage 2 (0.96x; 1.02x with this order), and a cold first repeat alone once made it 0.86x in stage 1.
+  heap: a plain rotation of three would always put ours right after ours-ps2 and make it look slower than LLaVA.
 - The models share weights and optimizer state, so `step MB` (peak minus resident before the step) is what tells
   rows apart. `saved MB` (tensors autograd keeps for backward, parameters excluded) and `grad MB` are exact.
 - FLOPs are counted by torch.utils.flop_counter over one real step (every matmul and attention, forward and
@@ -27,13 +26,13 @@ import time
 from contextlib import contextmanager
 
 import torch
-from machine import MemoryProbe, sync
-from models import LLAVA, OURS, OURS_PS2
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from trl.trainer.utils import add_fused_lm_head
 
-from training import freeze
+from bench.machine import MemoryProbe, sync
+from bench.models import LLAVA, OURS, OURS_PS2
+from qwen_siglip.training import freeze
 
 CHECKPOINTING = {"recipe": "stage 2, as train_sft.py", "off": "off", "on": "both stages"}
 STAGES = {1: ["projector"], 2: ["projector", "language_model"]}
@@ -116,7 +115,7 @@ def running_orders(names: list[str], repeats: int):
     """Each repeat's running order: ours-ps2 first, then ours and LLaVA, which of the two goes first alternating.
 
     Why: a step after a smaller one (ours-ps2) pays page faults to grow the heap again. A plain rotation of three
-    would always put the same model right after ours-ps2 (4% slower in stage 2, measured); this way ours and LLaVA
+    would always put the same model right after ours-ps2, slowing it; this way ours and LLaVA
     each follow it equally often, and ours-ps2 always follows a model of the full size.
     """
     pair = [n for n in names if n != OURS_PS2]
@@ -142,7 +141,7 @@ def bench_training(models: dict, batches: dict, args: argparse.Namespace) -> lis
             step(model, batches[name], optimizer, params, args.device, record=stats[name])
             stats[name]["peak_mb"], stats[name]["step_mb"] = probe.stop()
         # The probes trimmed the heap; regrow it outside the timings, or the first full-size step pays the page
-        # faults (that put ours 0.86x behind LLaVA in stage 1, from one slow first repeat).
+        # faults.
         step(models[OURS], batches[OURS], optimizer, params, args.device)
         for r, order in running_orders(list(models), args.repeats):
             for name in order:

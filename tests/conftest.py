@@ -17,9 +17,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from modeling_qwen_siglip import QwenSiglipForConditionalGeneration  # noqa: E402
-from processing_qwen_siglip import QwenSiglipProcessor  # noqa: E402
-from tiny import save_tiny_bases  # noqa: E402
+from qwen_siglip.compose import compose  # noqa: E402
+from qwen_siglip.tiny import save_tiny_bases  # noqa: E402
 
 # ----------------------------------------------------------------------------- deprecations we cause
 
@@ -80,8 +79,7 @@ def build_tiny(bases: tuple[Path, Path], spread: bool = True, **config_kwargs):
     """Compose a tiny model + processor from saved bases, through the real builder."""
     vision_dir, text_dir = bases
     vision, text = str(vision_dir), str(text_dir)
-    model = QwenSiglipForConditionalGeneration.from_pretrained_parts(vision, text, **config_kwargs)
-    processor = QwenSiglipProcessor.from_pretrained_parts(vision, text, model.config.num_image_tokens)
+    model, processor = compose(vision, text, **config_kwargs)
     if spread:
         # A freshly initialised LM (std 0.02) greedily repeats one token, which would make generation tests pass
         # vacuously. Wider weights give varied, image-dependent continuations.
@@ -145,7 +143,7 @@ CPU_RUN = [
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory) -> dict[str, Path]:
     """A small synthetic shapes set at the tiny tower's 32 px: captions (LLaVA json) and Q&A (minimind-v jsonl)."""
-    import synthetic
+    from qwen_siglip import synthetic
 
     out = tmp_path_factory.mktemp("shapes")
     return synthetic.make_shapes_dataset(out, n_pretrain=32, n_sft=32, n_test=8, image_size=32)

@@ -22,10 +22,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from collator import VLMCollator  # noqa: E402
-from modeling_qwen_siglip import QwenSiglipForConditionalGeneration  # noqa: E402
-from processing_qwen_siglip import QwenSiglipProcessor  # noqa: E402
-from training import freeze  # noqa: E402
+from qwen_siglip.collator import VLMCollator  # noqa: E402
+from qwen_siglip.compose import compose, compose_model  # noqa: E402
+from qwen_siglip.training import freeze  # noqa: E402
 
 STEPS = 3
 
@@ -56,8 +55,7 @@ def main(vision: str, text: str, out: Path) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    model = QwenSiglipForConditionalGeneration.from_pretrained_parts(vision, text)
-    processor = QwenSiglipProcessor.from_pretrained_parts(vision, text, model.config.num_image_tokens)
+    model, processor = compose(vision, text)
     for p in model.parameters():  # FSDP2 does not broadcast: every rank must start from rank 0's weights
         dist.broadcast(p.data, src=0)
     freeze(model, ["projector", "language_model"])
@@ -87,7 +85,7 @@ def main(vision: str, text: str, out: Path) -> None:
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 only
     state = get_model_state_dict(model, options=options)  # collective too
     if rank == 0:
-        fresh = QwenSiglipForConditionalGeneration.from_pretrained_parts(vision, text)
+        fresh = compose_model(vision, text)
         fresh.load_state_dict(state, strict=True)
         fresh.save_pretrained(out / "model")
         processor.save_pretrained(out / "model")

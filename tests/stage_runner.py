@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import training  # noqa: E402
-from training import PRETRAIN_DEFAULTS, SFT_DEFAULTS, main  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout under test, before any installed copy
+from qwen_siglip import trainer  # noqa: E402
+from qwen_siglip.training import main  # noqa: E402
 
 
 class DumpWeights(TrainerCallback):
@@ -48,14 +48,14 @@ class DumpArgs(TrainerCallback):
 
 def kill_in_save(step: int) -> None:
     """Trainer saves weights, then optimizer/scheduler, RNG, and trainer_state.json last: die between the first two."""
-    save_optimizer = training.QwenSiglipTrainer._save_optimizer_and_scheduler
+    save_optimizer = trainer.QwenSiglipTrainer._save_optimizer_and_scheduler
 
     def dying(self, output_dir):
         if self.state.global_step == step:
             os.kill(os.getpid(), signal.SIGKILL)
         return save_optimizer(self, output_dir)
 
-    training.QwenSiglipTrainer._save_optimizer_and_scheduler = dying
+    trainer.QwenSiglipTrainer._save_optimizer_and_scheduler = dying
 
 
 class KillAfterSave(TrainerCallback):
@@ -78,4 +78,4 @@ if __name__ == "__main__":
         kill_in_save(int(os.environ["QS_KILL_IN_SAVE"]))
     if os.environ.get("QS_KILL_AT_STEP"):
         callbacks.append(KillAfterSave(int(os.environ["QS_KILL_AT_STEP"])))
-    main({"pretrain": PRETRAIN_DEFAULTS, "sft": SFT_DEFAULTS}[stage], argv, callbacks)
+    main(stage, argv, callbacks)

@@ -21,6 +21,7 @@ import pytest
 from conftest import ROOT, shape_image
 
 import app
+from qwen_siglip import chat
 
 CHROMIUM = "/usr/bin/chromium"
 # Chromium's own background traffic (updates, sync, field trials) is refused by a closed network; keep it off.
@@ -60,8 +61,8 @@ def test_defaults_are_private_and_offline():
 
 
 def test_temperature_zero_is_greedy():
-    assert app.sampling_kwargs(0, 0.9, 5) == dict(do_sample=False, max_new_tokens=5)
-    assert app.sampling_kwargs(0.7, 0.9, 5) == dict(do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=5)
+    assert chat.sampling_kwargs(0, 0.9, 5) == dict(do_sample=False, max_new_tokens=5)
+    assert chat.sampling_kwargs(0.7, 0.9, 5) == dict(do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=5)
 
 
 def test_chat_messages_follow_the_page_and_put_the_image_in_the_first_turn():
@@ -69,20 +70,20 @@ def test_chat_messages_follow_the_page_and_put_the_image_in_the_first_turn():
         {"role": "user", "content": [{"type": "text", "text": "What is it?"}], "metadata": None},
         {"role": "assistant", "content": [{"type": "text", "text": "A square."}], "metadata": None},
     ]
-    assert app.chat_messages(history, "它是什么颜色？") == [
+    assert chat.chat_messages(history, "它是什么颜色？") == [
         user("What is it?", image=True),
         {"role": "assistant", "content": [{"type": "text", "text": "A square."}]},
         user("它是什么颜色？"),
     ]
-    assert app.chat_messages([], "Hi") == [user("Hi", image=True)]
+    assert chat.chat_messages([], "Hi") == [user("Hi", image=True)]
 
 
 def test_open_image_refuses_too_many_pixels(tmp_path):
     shape_image(size=256).save(tmp_path / "ok.png")
     shape_image(size=300).save(tmp_path / "big.png")
-    assert app.open_image(str(tmp_path / "ok.png"), LIMIT).size == (256, 256)
+    assert chat.open_image(str(tmp_path / "ok.png"), LIMIT).size == (256, 256)
     with pytest.raises(ValueError, match=r"^This image cannot be used: .*300\D+300.*65,?536"):
-        app.open_image(str(tmp_path / "big.png"), LIMIT)
+        chat.open_image(str(tmp_path / "big.png"), LIMIT)
 
 
 def test_the_app_opens_images_as_training_does(tmp_path):
@@ -90,7 +91,7 @@ def test_the_app_opens_images_as_training_does(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from data import load_rgb
+    from qwen_siglip.images import load_rgb
 
     photo = shape_image(size=64, box=(0, 0, 63, 15)).resize((64, 32))  # wider than tall
     exif = Image.Exif()
@@ -98,11 +99,11 @@ def test_the_app_opens_images_as_training_does(tmp_path):
     photo.save(tmp_path / "rotated.jpg", exif=exif)
     rgba = Image.new("RGBA", (40, 40), (255, 0, 0, 0))  # fully transparent: must show as white, not black
     rgba.save(tmp_path / "clear.png")
-    assert app.open_image(str(tmp_path / "rotated.jpg"), LIMIT).size == (32, 64)
-    assert app.open_image(str(tmp_path / "clear.png"), LIMIT).getpixel((0, 0)) == (255, 255, 255)
+    assert chat.open_image(str(tmp_path / "rotated.jpg"), LIMIT).size == (32, 64)
+    assert chat.open_image(str(tmp_path / "clear.png"), LIMIT).getpixel((0, 0)) == (255, 255, 255)
     for name in ("rotated.jpg", "clear.png"):
         path = str(tmp_path / name)
-        assert np.array_equal(np.asarray(app.open_image(path, LIMIT)), np.asarray(load_rgb(path, max_pixels=LIMIT)))
+        assert np.array_equal(np.asarray(chat.open_image(path, LIMIT)), np.asarray(load_rgb(path, max_pixels=LIMIT)))
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -135,7 +136,7 @@ def test_hostile_images_get_the_apps_own_message_without_a_server_path(tmp_path,
     component = app.image_input()
     assert component.preprocess(ImageData(path=str(path), orig_name=name)) == str(path)  # nothing decoded
     with pytest.raises(ValueError, match="^This image cannot be used: ") as refused:
-        app.open_image(str(path), app.DEFAULT_MAX_IMAGE_PIXELS)
+        chat.open_image(str(path), app.DEFAULT_MAX_IMAGE_PIXELS)
     assert str(tmp_path) not in str(refused.value)
 
 
@@ -147,12 +148,12 @@ def test_a_pasted_data_url_is_handed_over_as_bytes():
 
 
 def test_messages_never_name_a_server_path():
-    assert app.without_paths("cannot identify image file '/tmp/gradio/ab12/cat.png'") == (
+    assert chat.without_paths("cannot identify image file '/tmp/gradio/ab12/cat.png'") == (
         "cannot identify image file 'cat.png'"
     )
-    assert app.without_paths(r"C:\Users\me\x.png is broken") == "x.png is broken"
+    assert chat.without_paths(r"C:\Users\me\x.png is broken") == "x.png is broken"
     kept = "see https://huggingface.co/a/b, and/or 1 / 2"
-    assert app.without_paths(kept) == kept
+    assert chat.without_paths(kept) == kept
 
 
 def test_a_chat_longer_than_the_context_is_refused_before_generating(tiny, monkeypatch):
@@ -160,16 +161,16 @@ def test_a_chat_longer_than_the_context_is_refused_before_generating(tiny, monke
     context = model.config.get_text_config().max_position_embeddings
     monkeypatch.setattr(model, "generate", lambda *a, **kw: pytest.fail("generate ran on a prompt past the context"))
     long = [user("red square " * context, image=True)]
-    with pytest.raises(app.PromptTooLong, match=rf"too long for the model \([\d,]+ tokens, limit {context:,}\)"):
-        app.stream_answer(model, processor, long, shape_image(), do_sample=False, max_new_tokens=8)
+    with pytest.raises(chat.PromptTooLong, match=rf"too long for the model \([\d,]+ tokens, limit {context:,}\)"):
+        chat.stream_answer(model, processor, long, shape_image(), do_sample=False, max_new_tokens=8)
 
 
 def test_the_answer_is_capped_to_the_context_left(tiny):
     model, processor = tiny
     context = model.config.get_text_config().max_position_embeddings
-    inputs, max_new_tokens = app.encode(model, processor, [user("Hi", image=True)], shape_image(), 10**6)
+    inputs, max_new_tokens = chat.encode(model, processor, [user("Hi", image=True)], shape_image(), 10**6)
     assert max_new_tokens == context - inputs["input_ids"].shape[1]
-    assert app.encode(model, processor, [user("Hi", image=True)], shape_image(), 5)[1] == 5
+    assert chat.encode(model, processor, [user("Hi", image=True)], shape_image(), 5)[1] == 5
 
 
 def test_a_hub_id_needs_trust_remote_code_before_anything_loads(monkeypatch):
@@ -183,7 +184,7 @@ def test_a_hub_id_needs_trust_remote_code_before_anything_loads(monkeypatch):
 def test_stream_answer_streams_the_greedy_answer(tiny):
     model, processor = tiny
     messages, image = [user("What colour is it?", image=True)], shape_image()
-    states = list(app.stream_answer(model, processor, messages, image, do_sample=False, max_new_tokens=12))
+    states = list(chat.stream_answer(model, processor, messages, image, do_sample=False, max_new_tokens=12))
     assert len(set(states)) > 2, "the answer arrived in one piece: not streamed"
     assert all(b.startswith(a) for a, b in zip(states, states[1:]))  # each state extends the last
     assert states[-1] == greedy(model, processor, messages, image, 12)
@@ -191,9 +192,9 @@ def test_stream_answer_streams_the_greedy_answer(tiny):
 
 def test_stream_answer_stops_when_the_consumer_goes_away(tiny):
     model, processor = tiny
-    stream = app.stream_answer(model, processor, [user("Hi", image=True)], shape_image(), max_new_tokens=10_000)
+    stream = chat.stream_answer(model, processor, [user("Hi", image=True)], shape_image(), max_new_tokens=10_000)
     next(stream)
-    (generating,) = [t for t in threading.enumerate() if t.name == app.GENERATE_THREAD]
+    (generating,) = [t for t in threading.enumerate() if t.name == chat.GENERATE_THREAD]
     stream.close()  # what Gradio does on Stop or a closed tab: generation must end too, not run 10k tokens
     generating.join(timeout=30)
     assert not generating.is_alive()
@@ -321,7 +322,7 @@ def set_slider(page, label: str, value: float) -> None:
     box.press("Enter")
 
 
-class SlowStreamer(app.TextIteratorStreamer):
+class SlowStreamer(chat.TextIteratorStreamer):
     """The app's streamer, 50 ms a piece: the tiny model writes a whole answer faster than a browser repaints.
 
     Each answer's last piece also waits for `finish` to be set, so a test can act while an answer is unfinished.
@@ -340,7 +341,7 @@ class SlowStreamer(app.TextIteratorStreamer):
 def test_chat_in_the_browser_streams_greedy_answers_in_english_and_chinese(page, trained, tmp_path, monkeypatch):
     from playwright.sync_api import expect
 
-    monkeypatch.setattr(app, "TextIteratorStreamer", SlowStreamer)
+    monkeypatch.setattr(chat, "TextIteratorStreamer", SlowStreamer)
     SlowStreamer.finish.clear()
     model, processor = trained
     image = shape_image("red", size=192, box=(12, 12, 84, 84))  # like the training images: a shape in one cell

@@ -5,20 +5,14 @@ Speed itself is never asserted here (the benchmark prints it); the end-to-end sm
 
 import copy
 import json
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, shape_image, user_turn
+from conftest import shape_image, user_turn
 
-from export_llava import to_llava
-
-sys.path.insert(0, str(ROOT / "bench"))
-import bench_packing  # noqa: E402
-import report  # noqa: E402
-
-import bench  # noqa: E402
+from bench import bench_packing, machine, models, report, run, train_step
+from qwen_siglip.llava import to_llava
 
 
 def one_batch(processor) -> dict:
@@ -30,12 +24,12 @@ def test_llava_twin_holds_the_very_same_parameters_and_gives_the_same_logits(tin
     model, processor = tiny
     ours = copy.deepcopy(model)
     llava = to_llava(ours)
-    assert bench.share_parameters(llava, ours) == []  # every LLaVA parameter found its twin
+    assert models.share_parameters(llava, ours) == []  # every LLaVA parameter found its twin
     ours_params = {id(p) for p in ours.parameters()}
     # LLaVA builds SigLIP's final LayerNorm, which neither model reads (features come before it): the only extra.
     extra = [n for n, p in llava.named_parameters() if id(p) not in ours_params]
     assert extra == ["model.vision_tower.post_layernorm.weight", "model.vision_tower.post_layernorm.bias"], extra
-    assert bench.check_same_logits(ours, llava, one_batch(processor), torch.float32) <= 1e-4
+    assert models.check_same_logits(ours, llava, one_batch(processor), torch.float32) <= 1e-4
 
 
 def test_benchmark_refuses_to_compare_models_that_disagree(tiny):
@@ -45,12 +39,12 @@ def test_benchmark_refuses_to_compare_models_that_disagree(tiny):
     with torch.no_grad():
         llava.model.multi_modal_projector.linear_2.bias.add_(0.5)
     with pytest.raises(RuntimeError, match="ours and LLaVA disagree"):
-        bench.check_same_logits(ours, llava, one_batch(processor), torch.float32)
+        models.check_same_logits(ours, llava, one_batch(processor), torch.float32)
 
 
 def test_paired_ratio_is_the_median_of_per_repeat_ratios():
     # Repeat 2 ran while a neighbour slowed both models: a paired ratio is immune, a ratio of medians is not.
-    ratio, spread = bench._paired(own=[1.0, 4.0, 1.0], base=[1.1, 4.8, 1.2])
+    ratio, spread = train_step._paired(own=[1.0, 4.0, 1.0], base=[1.1, 4.8, 1.2])
     assert ratio == pytest.approx(1.2) and spread == pytest.approx([1.1, 1.2])
 
 
@@ -77,7 +71,7 @@ def training_rows(ours_speed: float, spread: list[float], ps2_speed: float) -> l
 
 def test_targets_say_met_missed_or_within_noise():
     results = {"training": training_rows(0.98, [0.94, 1.14], 1.9), "data": [{"workers": 0, "samples_per_s": 3.0}]}
-    got = {t["target"]: t for t in bench.targets(results)}
+    got = {t["target"]: t for t in report.targets(results)}
     equal = got["stage 1: tokens/s, 196 image tokens"]
     assert not equal["met"] and equal["within_noise"]  # 0.98x, yet 1.0x was inside the spread of the repeats
     shuffled = got["stage 1: samples/s, pixel shuffle 2"]
@@ -106,8 +100,8 @@ def test_packing_section_runs_every_variant_on_the_same_samples(tiny, tmp_path):
     model, processor = tiny
     ours = copy.deepcopy(model)
     llava = to_llava(ours)
-    bench.share_parameters(llava, ours)
-    gate = bench.QuietGate(0, 0, enabled=False)
+    models.share_parameters(llava, ours)
+    gate = machine.QuietGate(0, 0, enabled=False)
     args = SimpleNamespace(seed=0, pack_samples=5, pack_batch_size=2, pack_rows=1, pack_max_length=512,
                            pack_repeats=1, device="cpu", dtype=torch.float32, gate=gate)  # fmt: skip
     result = bench_packing.bench_packing({"ours": ours, "llava": llava}, processor, tmp_path, args)
@@ -126,7 +120,7 @@ def test_packing_targets_are_the_paired_ratios_against_llava_with_goal_1_5():
         {"variant": "ours-padding-free", "speed_vs_llava": 1.6, "speed_vs_llava_range": [1.5, 1.7]},
         {"variant": "ours-packed", "speed_vs_llava": 1.4, "speed_vs_llava_range": [1.3, 1.45]},
     ]
-    got = {t["target"]: t for t in bench.targets({"packing": {"rows": rows}})}
+    got = {t["target"]: t for t in report.targets({"packing": {"rows": rows}})}
     free, packed = got["stage 2: samples/s, padding-free, length mix"], got["stage 2: samples/s, packed, length mix"]
     assert free["goal"] == packed["goal"] == 1.5
     assert free["met"] and not packed["met"] and not packed["within_noise"]
@@ -135,7 +129,7 @@ def test_packing_targets_are_the_paired_ratios_against_llava_with_goal_1_5():
 @pytest.mark.slow
 def test_quick_benchmark_runs_end_to_end_at_full_size(tmp_path, capsys):
     out = tmp_path / "cpu.json"
-    results = bench.main(["--quick", "--threads", "2", "--out", str(out)])
+    results = run.main(["--quick", "--threads", "2", "--out", str(out)])
     assert json.loads(out.read_text())["targets"] == results["targets"]
     assert results["logits_max_abs_diff"] <= 1e-4
     assert {r["model"] for r in results["training"]} == {"ours", "llava", "ours-ps2"}

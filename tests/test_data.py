@@ -1,4 +1,5 @@
-"""data.py: every supported format becomes TRL conversational examples; bad records are skipped and counted.
+"""The data modules (records, sources, images, data): every supported format becomes TRL conversational examples;
+bad records are skipped and counted.
 
 Every image and data file is built here, in tmp_path; the Hub path is exercised through a monkeypatched
 `datasets.load_dataset`.
@@ -21,8 +22,9 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-import data
-from data import load_vlm_dataset, split_placeholders
+from qwen_siglip import images
+from qwen_siglip.data import load_vlm_dataset
+from qwen_siglip.records import CAPTION_PROMPTS, split_placeholders
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -191,9 +193,9 @@ def test_caption_list_becomes_qa(tmp_path):
     ds = load_vlm_dataset(path)
     assert len(ds) == 2
     zh, en = ds[0]["messages"], ds[1]["messages"]
-    assert zh[0]["content"][0] == IMG and zh[0]["content"][1]["text"] in data.CAPTION_PROMPTS["zh"]
+    assert zh[0]["content"][0] == IMG and zh[0]["content"][1]["text"] in CAPTION_PROMPTS["zh"]
     assert zh[1] == assistant("一只红色的方块。")
-    assert en[0]["content"][1]["text"] in data.CAPTION_PROMPTS["en"] and en[1] == assistant("Something blue.")
+    assert en[0]["content"][1]["text"] in CAPTION_PROMPTS["en"] and en[1] == assistant("Something blue.")
     assert colors(ds[1]) == [BLUE]
     assert load_vlm_dataset(path)[1]["messages"] == en  # reproducible across loads
 
@@ -293,16 +295,16 @@ def png_claiming(width: int, height: int) -> bytes:
 def test_large_photo_is_too_many_pixels_and_only_pils_limit_makes_a_bomb(tmp_path, monkeypatch, caplog):
     make_image(tmp_path / "big.png", size=(20, 20))
     path = str(write_json(tmp_path / "d.json", [llava(image="big.png")]))
-    with caplog.at_level(logging.WARNING, logger="data"):
+    with caplog.at_level(logging.WARNING, logger="qwen_siglip.data"):
         assert load_vlm_dataset(path, max_pixels=399).skipped == Counter(too_many_pixels=1)
     assert "20x20 = 400 pixels, over the cap of 399; raise max_pixels" in caplog.text and "bomb" not in caplog.text
     assert len(load_vlm_dataset(path, max_pixels=400)) == 1
     real_photo, bomb = png_claiming(9000, 9000), png_claiming(10000, 10000)  # headers only: nothing is decoded
-    with pytest.raises(data.ImageRefused, match="9000x9000 = 81,000,000 pixels, over the cap of 64,000,000") as e:
-        data.load_rgb(real_photo)
+    with pytest.raises(images.ImageRefused, match="9000x9000 = 81,000,000 pixels, over the cap of 64,000,000") as e:
+        images.load_rgb(real_photo)
     assert e.value.reason == "too_many_pixels"  # a large photo is not an attack: under PIL's 89M-pixel limit
-    with pytest.raises(data.ImageRefused, match="over PIL's decompression-bomb limit") as e:
-        data.load_rgb(bomb)
+    with pytest.raises(images.ImageRefused, match="over PIL's decompression-bomb limit") as e:
+        images.load_rgb(bomb)
     assert e.value.reason == "decompression_bomb"
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # PIL's own check warns (and errors above 2x): both count
     assert load_vlm_dataset(path).skipped == Counter(decompression_bomb=1)
@@ -348,7 +350,7 @@ def bad_records(tmp_path: Path) -> Path:
 
 def test_bad_records_are_skipped_and_counted_by_reason(tmp_path, caplog):
     path = bad_records(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="data"):
+    with caplog.at_level(logging.WARNING, logger="qwen_siglip.data"):
         ds = load_vlm_dataset(str(path))
     assert [ds[i]["messages"][1] for i in range(len(ds))] == [assistant("A red square."), assistant("Also good.")]
     assert ds.skipped == Counter(
@@ -519,7 +521,7 @@ def test_path_errors_are_counted_skips_with_honest_reasons(tmp_path, caplog):
         llava(image="loop.png"),  # 7 bad_path: a symlink loop (RuntimeError from resolve() before Python 3.13)
     ]
     path = str(write_json(tmp_path / "d.json", records))
-    with caplog.at_level(logging.WARNING, logger="data"):
+    with caplog.at_level(logging.WARNING, logger="qwen_siglip.data"):
         ds = load_vlm_dataset(path)
     assert len(ds) == 1 and ds.skipped == Counter(bad_path=3, not_a_file=2, image_url=1, missing_image=1)
     assert "record 2: field 'image': file 'folder.png' is a folder" in caplog.text
@@ -548,7 +550,7 @@ def test_messages_name_the_records_field_and_never_echo_blobs_or_reprs(tmp_path,
     rows = {"conversations": [llava()["conversations"]], "image": [b"not an image at all"]}
     datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "blob.parquet"))  # inline bytes that are no image
     write_jsonl(tmp_path / "trl.jsonl", records)
-    with caplog.at_level(logging.WARNING, logger="data"):
+    with caplog.at_level(logging.WARNING, logger="qwen_siglip.data"):
         ds = load_vlm_dataset(str(tmp_path))
     assert len(ds) == 0 and ds.skipped == Counter(
         missing_image=1, bad_path=1, placeholder_image_mismatch=1, undecodable_image=1
@@ -577,8 +579,8 @@ def test_load_rgb_refusals_carry_a_reason_and_a_clean_message(tmp_path):
         (42, "malformed_record", "unusable image reference <a int>"),
     ]
     for src, reason, words in cases:
-        with pytest.raises(data.ImageRefused, match=re.escape(words)) as caught:
-            data.load_rgb(src, max_pixels=5000)
+        with pytest.raises(images.ImageRefused, match=re.escape(words)) as caught:
+            images.load_rgb(src, max_pixels=5000)
         assert (
             caught.value.reason == reason
             and str(tmp_path) not in str(caught.value)
@@ -602,7 +604,7 @@ def test_bad_jsonl_line_is_a_counted_skip_that_names_its_line(tmp_path, caplog):
     make_image(tmp_path / "img/a.png")
     lines = [json.dumps(llava()), "", "", '{"image": "img/a.png", oops}', json.dumps(llava())]
     (tmp_path / "d.jsonl").write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")  # with a BOM
-    with caplog.at_level(logging.WARNING, logger="data"):
+    with caplog.at_level(logging.WARNING, logger="qwen_siglip.data"):
         ds = load_vlm_dataset(str(tmp_path / "d.jsonl"))
     assert len(ds) == 2 and ds.skipped == Counter(malformed_record=1)
     assert "d.jsonl record 1: field 'record': line 4 is not valid JSON (Expecting property name" in caplog.text
@@ -636,9 +638,9 @@ def test_exif_orientation_is_applied_and_not_applied_twice(tmp_path):
     img = Image.new("RGB", (40, 20), "white")
     img.paste(RED, (0, 0, 20, 20))  # left half red, as the sensor stored it
     exif = Image.Exif()
-    exif[data.ORIENTATION] = 6  # the camera was turned: show it rotated 90 degrees clockwise
+    exif[images.ORIENTATION] = 6  # the camera was turned: show it rotated 90 degrees clockwise
     img.save(tmp_path / "rot.jpg", exif=exif, quality=95)
-    upright = data.load_rgb(tmp_path / "rot.jpg")
+    upright = images.load_rgb(tmp_path / "rot.jpg")
     assert upright.size == (20, 40)  # the left half is now the top half
     assert upright.getpixel((10, 5))[0] > 200 and upright.getpixel((10, 5))[1] < 60
     assert upright.getpixel((10, 35)) > (200, 200, 200)
@@ -661,7 +663,7 @@ def hostile_images(folder: Path) -> list[str]:
     rot = Image.new("RGB", (12, 8), "white")
     rot.paste(RED, (0, 0, 6, 8))
     exif = Image.Exif()
-    exif[data.ORIENTATION] = 6
+    exif[images.ORIENTATION] = 6
     rot.save(folder / "rot.jpg", exif=exif)
     return ["i16.png", "rgba.png", "pal.png", "cmyk.jpg", "rot.jpg"]
 
@@ -681,13 +683,13 @@ def test_same_file_gives_same_pixel_values_on_every_path(tiny, tiny_checkpoint, 
 
     for i, name in enumerate(names):
         from_data = pixels(ds[i]["images"][0])
-        opened = data.load_rgb(tmp_path / name)
+        opened = images.load_rgb(tmp_path / name)
         from_pipeline = pipe.preprocess({"images": [opened], "text": "<image>"})["pixel_values"]
         assert torch.equal(from_data, pixels(opened)), name
         assert torch.equal(from_data, from_pipeline), name
         with open(tmp_path / name, "rb") as f:  # an upload as a file object, and as bytes
-            assert data.load_rgb(f).tobytes() == opened.tobytes() == data.load_rgb(f.seek(0) or f.read()).tobytes()
-    grey, rgba, pal, _, rot = (data.load_rgb(tmp_path / name) for name in names)
+            assert images.load_rgb(f).tobytes() == opened.tobytes() == images.load_rgb(f.seek(0) or f.read()).tobytes()
+    grey, rgba, pal, _, rot = (images.load_rgb(tmp_path / name) for name in names)
     assert grey.getpixel((0, 0)) == (155, 155, 155)  # 40000 / 65535, not clipped to white
     assert rgba.getpixel((11, 0)) == pal.getpixel((11, 0)) == (255, 255, 255)  # transparent on white, not black
     assert rot.size == (8, 12)  # upright
@@ -697,7 +699,7 @@ def test_same_file_gives_same_pixel_values_on_every_path(tiny, tiny_checkpoint, 
 
 
 def test_collator_replaces_a_batch_whose_examples_all_fail_unless_strict(tiny):
-    from collator import VLMCollator
+    from qwen_siglip.collator import VLMCollator
 
     _, processor = tiny
     good = {"messages": [user(TXT("Hi")), assistant("Hello.")], "images": []}
@@ -714,7 +716,7 @@ def test_collator_replaces_a_batch_whose_examples_all_fail_unless_strict(tiny):
 def test_truncated_jpeg_run_with_batch_1_finishes_and_reports_the_skip(tiny_bases, tmp_path, caplog):
     from conftest import CPU_RUN
 
-    import training
+    from qwen_siglip import training
 
     make_image(tmp_path / "good.png", RED, size=(32, 32))
     truncated_jpeg(tmp_path / "cut.jpg")
@@ -724,9 +726,16 @@ def test_truncated_jpeg_run_with_batch_1_finishes_and_reports_the_skip(tiny_base
     argv = ["--vision_model", vision, "--text_model", text, "--dataset_name", path, *CPU_RUN, "--max_steps", "3"]
     argv += ["--per_device_train_batch_size", "1", "--global_batch_size", "1", "--max_pixels", "4096"]
     with caplog.at_level(logging.INFO):
-        training.main(training.PRETRAIN_DEFAULTS, argv + ["--seed", "1", "--output_dir", str(tmp_path / "out")])
+        training.main("pretrain", argv + ["--seed", "1", "--output_dir", str(tmp_path / "out")])
     totals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: skipped at load")]
     assert totals == ["data: skipped at load {}, at decode {'undecodable_image': 1}, at collate {}"]
     msg = r"d\.json record 1: field 'image': file 'cut\.jpg': cannot decode its pixels .*\[undecodable_image\]"
     with pytest.raises(ValueError, match=msg):
-        training.main(training.PRETRAIN_DEFAULTS, argv + ["--strict", "true", "--output_dir", str(tmp_path / "s")])
+        training.main("pretrain", argv + ["--strict", "true", "--output_dir", str(tmp_path / "s")])
+
+
+@pytest.mark.parametrize("size", [(0, 0), (0, 5), (7, 0)])
+def test_an_image_with_no_pixels_is_refused_as_empty_image(size):
+    with pytest.raises(images.ImageRefused, match=f"is {size[0]}x{size[1]}: it has no pixels") as e:
+        images.load_rgb(Image.new("RGB", size))
+    assert e.value.reason == "empty_image"

@@ -1,4 +1,4 @@
-"""evaluate.py: answer normalisation, caption scores, and the CLI with its blind baseline."""
+"""evaluate_vlm.py and its modules: answer normalisation, caption scores, the CLI with its blind baseline."""
 
 import json
 from pathlib import Path
@@ -6,41 +6,42 @@ from pathlib import Path
 import pytest
 from conftest import shape_image
 
-import evaluate
+import evaluate_vlm
+from qwen_siglip import evaluation, inference, metrics
 
 
 @pytest.mark.parametrize(
     "a, b", [("The Red.", "red"), ("  a square!", "square"), ("红色。", "红色"), ("Two shapes", "two shapes")]
 )
 def test_normalised_answers_match(a, b):
-    assert evaluate.normalize_answer(a) == evaluate.normalize_answer(b)
+    assert metrics.normalize_answer(a) == metrics.normalize_answer(b)
 
 
 def test_normalisation_keeps_different_answers_apart():
-    assert evaluate.normalize_answer("red square") != evaluate.normalize_answer("red circle")
+    assert metrics.normalize_answer("red square") != metrics.normalize_answer("red circle")
 
 
 def test_bleu4_is_one_for_identical_and_low_for_unrelated_captions():
-    assert evaluate.bleu4("a red circle on the left", "a red circle on the left") == pytest.approx(1.0)
-    assert evaluate.bleu4("two blue squares", "a red circle on the left") == 0.0
-    assert 0 < evaluate.bleu4("a red circle", "a red circle on the left") < 0.6  # right words, too short
-    assert evaluate.bleu4("左边有一个红色圆形", "左边有一个红色圆形") == pytest.approx(1.0)  # characters for CJK
+    assert metrics.bleu4("a red circle on the left", "a red circle on the left") == pytest.approx(1.0)
+    assert metrics.bleu4("two blue squares", "a red circle on the left") == 0.0
+    assert 0 < metrics.bleu4("a red circle", "a red circle on the left") < 0.6  # right words, too short
+    assert metrics.bleu4("左边有一个红色圆形", "左边有一个红色圆形") == pytest.approx(1.0)  # characters for CJK
 
 
 def test_cider_rewards_the_rare_words_that_match():
     references = ["a red circle on the left", "a blue square on the right", "a green triangle on the left"]
-    exact = evaluate.cider_d(references, references)
-    generic = evaluate.cider_d(["a shape on the left"] * 3, references)
+    exact = metrics.cider_d(references, references)
+    generic = metrics.cider_d(["a shape on the left"] * 3, references)
     assert all(e > 5 for e in exact)  # identical captions score high (10 is a perfect match of every n)
     assert all(g < 1 for g in generic)  # words every reference shares carry no weight
-    swapped = evaluate.cider_d(["a blue square on the right"], ["a red circle on the left"])
+    swapped = metrics.cider_d(["a blue square on the right"], ["a red circle on the left"])
     assert swapped == [0.0]  # one reference: every n-gram has idf 0, nothing to reward
 
 
 def test_cli_writes_predictions_and_summary_with_blind_baseline(tiny_checkpoint, shapes_data, tmp_path):
     out = tmp_path / "eval"
     argv = ["--model", str(tiny_checkpoint), "--dataset", str(shapes_data["sft_test"]), "--limit", "4"]
-    result = evaluate.main([*argv, "--batch_size", "3", "--max_new_tokens", "3", "--output_dir", str(out)])
+    result = evaluate_vlm.main([*argv, "--batch_size", "3", "--max_new_tokens", "3", "--output_dir", str(out)])
     lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     assert len(lines) == summary["examples"] == 4 == len(result["predictions"])
@@ -52,7 +53,7 @@ def test_cli_writes_predictions_and_summary_with_blind_baseline(tiny_checkpoint,
 
 def test_trained_default_beats_its_blind_baseline(quickstart_run, tmp_path):
     data = quickstart_run["checkpoint"].parent / "data" / "sft_test.jsonl"
-    result = evaluate.main(["--model", str(quickstart_run["checkpoint"]), "--dataset", str(data), "--limit", "48",
+    result = evaluate_vlm.main(["--model", str(quickstart_run["checkpoint"]), "--dataset", str(data), "--limit", "48",
                             "--output_dir", str(tmp_path)])  # fmt: skip
     summary = result["summary"]
     assert summary["exact_match"] >= 0.85 and summary["exact_match"] >= summary["blind_exact_match"] + 0.5
@@ -80,7 +81,7 @@ def test_a_one_megabyte_question_is_skipped_and_counted_without_tokenizing_it_wh
 
     monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", spy)
     root = str(shapes_data["sft_test"].parent)
-    result = evaluate.main(["--model", str(tiny_checkpoint), "--dataset", str(data), "--image_root", root,
+    result = evaluate_vlm.main(["--model", str(tiny_checkpoint), "--dataset", str(data), "--image_root", root,
                             "--max_new_tokens", "3", "--output_dir", str(tmp_path / "eval")])  # fmt: skip
     assert result["summary"]["skipped"] == {"prompt_too_long": 1}
     assert result["summary"]["examples"] == 1 and len(result["predictions"]) == 1
@@ -88,7 +89,7 @@ def test_a_one_megabyte_question_is_skipped_and_counted_without_tokenizing_it_wh
 
 
 def split_prompt(example: dict) -> list[dict]:
-    return evaluate.split_example(example)[0]
+    return evaluation.split_example(example)[0]
 
 
 def test_prompt_length_counts_expanded_image_tokens_exactly(tiny):
@@ -96,7 +97,7 @@ def test_prompt_length_counts_expanded_image_tokens_exactly(tiny):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     expected = processor(images=[shape_image()], text=text, return_tensors="pt")["input_ids"].shape[1]
-    assert evaluate.prompt_length(processor, text, 1024) == expected
+    assert inference.prompt_length(processor, text, 1024) == expected
 
 
 def test_a_hub_id_needs_trust_remote_code_and_nothing_is_downloaded_without_it(monkeypatch, capsys, tmp_path):
@@ -107,12 +108,12 @@ def test_a_hub_id_needs_trust_remote_code_and_nothing_is_downloaded_without_it(m
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
     with pytest.raises(SystemExit):
-        evaluate.main(["--model", "someone/qwen-siglip", "--dataset", str(tmp_path / "x.jsonl")])
+        evaluate_vlm.main(["--model", "someone/qwen-siglip", "--dataset", str(tmp_path / "x.jsonl")])
     err = capsys.readouterr().err
     assert "--trust_remote_code" in err and "--revision" in err and "runs the Python code" in err
     with pytest.raises(ValueError, match="neither a local folder nor a Hub id"):
-        evaluate.remote_code_allowed("no/such/folder")
-    assert evaluate.remote_code_allowed("someone/qwen-siglip", trust_remote_code=True)
+        inference.remote_code_allowed("no/such/folder")
+    assert inference.remote_code_allowed("someone/qwen-siglip", trust_remote_code=True)
 
 
 def test_a_local_folder_loads_with_its_own_code_and_a_hub_id_gets_the_revision(tiny_checkpoint, monkeypatch):
@@ -123,8 +124,8 @@ def test_a_local_folder_loads_with_its_own_code_and_a_hub_id_gets_the_revision(t
         transformers.AutoModelForCausalLM, "from_pretrained", lambda m, **kw: calls.append(kw) or Fake()
     )
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda m, **kw: calls.append(kw))
-    evaluate.load_model(str(tiny_checkpoint))
-    evaluate.load_model("someone/qwen-siglip", trust_remote_code=True, revision="0123abc")
+    inference.load_model(str(tiny_checkpoint))
+    inference.load_model("someone/qwen-siglip", trust_remote_code=True, revision="0123abc")
     assert [(c["trust_remote_code"], c["revision"]) for c in calls] == [(True, None)] * 2 + [(True, "0123abc")] * 2
 
 
@@ -143,8 +144,8 @@ def test_write_card_puts_scores_in_model_index_and_keeps_the_card(tiny_checkpoin
     body = "# my model\n\nHand-written text that must survive.\n"
     (model / "README.md").write_text("---\nlicense: apache-2.0\ntags:\n- qwen-siglip\n---\n" + body)
     argv = ["--model", str(model), "--dataset", str(shapes_data["sft_test"]), "--limit", "2", "--max_new_tokens", "2"]
-    summary = evaluate.main([*argv, "--write_card"])["summary"]
-    evaluate.main([*argv, "--write_card"])  # again: replaces its results, does not add a second set
+    summary = evaluate_vlm.main([*argv, "--write_card"])["summary"]
+    evaluate_vlm.main([*argv, "--write_card"])  # again: replaces its results, does not add a second set
     card = ModelCard.load(model / "README.md")
     assert (
         card.text.strip() == body.strip() and card.data.license == "apache-2.0" and card.data.tags == ["qwen-siglip"]
@@ -161,13 +162,13 @@ def test_write_card_puts_scores_in_model_index_and_keeps_the_card(tiny_checkpoin
 
 def test_scorers_add_a_metric_with_its_blind_baseline(tiny_checkpoint, shapes_data, tmp_path):
     argv = ["--model", str(tiny_checkpoint), "--dataset", str(shapes_data["sft_test"]), "--limit", "3"]
-    result = evaluate.main([*argv, "--max_new_tokens", "2", "--scorer", "synthetic:caption_correct",
+    result = evaluate_vlm.main([*argv, "--max_new_tokens", "2", "--scorer", "qwen_siglip.synthetic:caption_correct",
                             "--output_dir", str(tmp_path)])  # fmt: skip
     p = result["predictions"]
     assert all(isinstance(x["caption_correct"], bool) and isinstance(x["blind_caption_correct"], bool) for x in p)
     assert result["summary"]["caption_correct"] == sum(x["caption_correct"] for x in p) / 3
     with pytest.raises(SystemExit):
-        evaluate.main([*argv, "--scorer", "synthetic"])  # not module:function
+        evaluate_vlm.main([*argv, "--scorer", "synthetic"])  # not module:function
 
 
 def test_push_after_evaluation_carries_the_scores_and_leaves_eval_local(
@@ -183,7 +184,7 @@ def test_push_after_evaluation_carries_the_scores_and_leaves_eval_local(
     model = tmp_path / "model"
     shutil.copytree(tiny_checkpoint, model)
     argv = ["--model", str(model), "--dataset", str(shapes_data["sft_test"]), "--limit", "2", "--max_new_tokens", "2"]
-    evaluate.main([*argv, "--write_card", "--push_to_hub", "you/tiny"])
+    evaluate_vlm.main([*argv, "--write_card", "--push_to_hub", "you/tiny"])
     (upload,) = uploads
     assert upload["repo_id"] == "you/tiny" and Path(upload["folder_path"]) == model
     assert "model-index" in (model / "README.md").read_text()  # what the upload carries

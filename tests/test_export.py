@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from configuration_qwen_siglip import QwenSiglipConfig
-from export_llava import add_image_token, export, llava_config, llava_processor, main, to_llava
+from export_llava import main
+from qwen_siglip.llava import add_image_token, export, llava_config, llava_processor, to_llava
 
 # Runs in `python -I` from a folder outside the repo: only transformers' own LLaVA can load the export here. Each case
 # is a chat (through the chat template) or raw text with image files (as LLaVA-style tools write it).

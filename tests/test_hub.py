@@ -149,7 +149,7 @@ def card_header(tmp_path, tiny, start=None, bases=("google/siglip-base-patch16-2
     """The YAML header write_model_card gives a run with these names (a 0.25-epoch, 2-step run)."""
     from types import SimpleNamespace as NS
 
-    from model_card import write_model_card
+    from qwen_siglip.card import write_model_card
 
     state = NS(log_history=[{"step": 2, "loss": 1.5}], epoch=0.25, global_step=2)
     args = NS(per_device_train_batch_size=2, gradient_accumulation_steps=2, hub_model_id=None, learning_rate=1e-3,

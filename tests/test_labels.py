@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import chat, shape_image
 
-from collator import IGNORE_INDEX, VLMCollator
 from processing_qwen_siglip import IMAGE_TOKEN
+from qwen_siglip.collator import IGNORE_INDEX, VLMCollator
 
 END = "<|im_end|>"
 

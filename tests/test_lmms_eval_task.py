@@ -1,4 +1,4 @@
-"""The lmms-eval local task (eval/lmms_eval_tasks): its hooks read our data formats as evaluate.py does.
+"""The lmms-eval local task (eval/lmms_eval_tasks): its hooks read our data formats as evaluate_vlm.py does.
 
 lmms-eval itself is not installed here (it lives in its own environment, see the README); these tests call the hooks
 the way it does, on the synthetic shapes set.
@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from evaluate import normalize_answer
+from qwen_siglip.metrics import normalize_answer
 
 TASK_DIR = ROOT / "eval" / "lmms_eval_tasks"
 

@@ -212,7 +212,7 @@ VARIANTS = {"shuffle1-tied": (1, True), "shuffle2-tied": (2, True), "shuffle1-un
 @pytest.fixture(scope="module")
 def untied_bases(tmp_path_factory):
     """Tiny bases whose LM has its own lm_head (tie_word_embeddings=False)."""
-    from tiny import save_tiny_bases
+    from qwen_siglip.tiny import save_tiny_bases
 
     return save_tiny_bases(tmp_path_factory.mktemp("untied"), tie_word_embeddings=False)
 
@@ -346,7 +346,7 @@ def copy_for_training(model):
 
 
 def test_lm_head_has_llavas_tensor_parallel_plan(tiny, untied_bases):
-    from export_llava import to_llava
+    from qwen_siglip.llava import to_llava
 
     for model in (tiny[0], build_tiny(untied_bases, spread=False)[0]):
         assert model.tp_plan["lm_head"] == "colwise_gather_output"
@@ -424,3 +424,61 @@ def test_input_ids_outside_the_vocabulary_are_refused(tiny, bad):
     ids[0, 2] = vocab if bad == "vocab" else bad
     with pytest.raises(ValueError, match=rf"id {ids[0, 2]} at position \(0, 2\), outside the LM's vocabulary"):
         model(input_ids=ids, pixel_values=x["pixel_values"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_pixel_values_are_refused(tiny, bad):
+    model, processor = tiny
+    x = prompt_inputs(processor)
+    pixels = x["pixel_values"].clone()
+    pixels[0, 1, 2, 3] = bad
+    with pytest.raises(ValueError, match="pixel_values hold NaN or infinite values"):
+        model(input_ids=x["input_ids"], pixel_values=pixels)
+
+
+def with_rope(model, rope: dict):
+    """A model of `model`'s shape whose LM scales its rope as `rope` says (random weights: only shapes matter)."""
+    from modeling_qwen_siglip import QwenSiglipForConditionalGeneration
+
+    config = model.config.to_dict()
+    config["text_config"]["rope_parameters"] = {"rope_theta": 10000.0, **rope}
+    return QwenSiglipForConditionalGeneration(type(model.config)(**config)).eval()
+
+
+@pytest.mark.parametrize(
+    "rope, context",
+    [
+        ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}, 4096),
+        ({"rope_type": "linear", "factor": 2.0}, 2048),
+        ({"rope_type": "default"}, 1024),
+    ],
+    ids=["yarn-x4", "linear-x2", "none"],
+)
+def test_the_context_guard_counts_rope_scaling_as_transformers_does(tiny, rope, context):
+    model, processor = tiny
+    assert model.config.text_config.max_position_embeddings == 1024
+    scaled = with_rope(model, rope)
+    assert scaled.config.context_length == context
+    token = processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    with torch.no_grad():
+        if context > 1024:  # a 1,536-token forward fits a scaled rope's context
+            assert scaled(input_ids=torch.full((1, 1536), token)).logits.shape[1] == 1536
+        with pytest.raises(ValueError, match=f"past the LM's context of {context} tokens"):
+            scaled(input_ids=torch.full((1, context + 1), token))
+
+
+def test_get_image_features_honours_output_hidden_states_and_output_attentions(tiny_checkpoint):
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, trust_remote_code=True, attn_implementation="eager")
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint, trust_remote_code=True)
+    pixels = prompt_inputs(processor)["pixel_values"]
+    layers = model.config.vision_config.num_hidden_layers
+    with torch.no_grad():
+        plain = model.get_image_features(pixel_values=pixels)
+        full = model.get_image_features(pixel_values=pixels, output_hidden_states=True, output_attentions=True)
+    assert plain.hidden_states is None and plain.attentions is None  # as SigLIP's own default
+    assert len(full.hidden_states) == layers + 1 and len(full.attentions) == layers
+    patches = model.config.grid_size**2
+    assert full.attentions[0].shape == (1, model.config.vision_config.num_attention_heads, patches, patches)
+    torch.testing.assert_close(torch.stack(full.pooler_output), torch.stack(plain.pooler_output))

@@ -14,9 +14,9 @@ from conftest import CPU_RUN, ROOT, shape_image
 from safetensors.torch import load_file
 from trl.trainer.utils import add_fused_lm_head
 
-import packing
-from collator import IGNORE_INDEX, VLMCollator
-from data import load_vlm_dataset
+from qwen_siglip import packing
+from qwen_siglip.collator import IGNORE_INDEX, VLMCollator
+from qwen_siglip.data import load_vlm_dataset
 
 RUNNER = str(ROOT / "tests" / "stage_runner.py")
 
@@ -265,12 +265,12 @@ def test_packed_training_on_two_cpu_ranks_ends_with_identical_weights(tiny_check
 
 
 def test_group_by_length_and_padding_free_train_in_process(tiny_checkpoint, shapes_data, tmp_path):
-    import training
+    from qwen_siglip import training
 
     for flags in (["--group_by_length", "true"], ["--padding_free", "true"]):
         out = tmp_path / flags[0].strip("-")
         argv = sft_args(tiny_checkpoint, shapes_data, out, "--max_steps", "2", "--packing", "false", *flags)[1:]
-        training.main(training.SFT_DEFAULTS, argv)
+        training.main("sft", argv)
         assert (out / "model.safetensors").exists()
         assert json.loads((out / "config.json").read_text())["model_type"]
 
@@ -278,16 +278,14 @@ def test_group_by_length_and_padding_free_train_in_process(tiny_checkpoint, shap
 @pytest.mark.parametrize(
     "recipe, stage, on",
     [
-        ("chinese_sft", "SFT_DEFAULTS", True),
-        ("lora_sft", "SFT_DEFAULTS", True),
-        ("cc3m_pretrain", "PRETRAIN_DEFAULTS", False),
+        ("chinese_sft", "sft", True),
+        ("lora_sft", "sft", True),
+        ("cc3m_pretrain", "pretrain", False),
     ],
 )
 def test_recipes_turn_padding_free_on_for_mixed_length_stage2_only(recipe, stage, on):
-    import training
+    from qwen_siglip import training
 
     cpu = ["--use_cpu", "true", "--bf16", "false"]  # the GPU recipes ask for bf16, which refuses to parse on a CPU
-    _, args, _ = training.parse_args(
-        getattr(training, stage), ["--config", str(ROOT / "recipes" / f"{recipe}.yaml"), *cpu]
-    )
+    _, args, _ = training.parse_args(stage, ["--config", str(ROOT / "recipes" / f"{recipe}.yaml"), *cpu])
     assert args.padding_free is on and args.packing is False

@@ -3,7 +3,7 @@
 import pytest
 from conftest import shape_image, user_turn
 
-from data import split_placeholders
+from qwen_siglip.records import split_placeholders
 
 
 def test_chat_template_renders_chatml_with_image_placeholder(tiny):

@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import shape_image, user_turn
 
-from export_llava import export
+from qwen_siglip.llava import export
 
 QUESTION = "What colour is the shape?"
 MAX_NEW_TOKENS = 12

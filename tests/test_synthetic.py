@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import synthetic
+from qwen_siglip import synthetic
 
 SIZES = {"n_pretrain": 60, "n_sft": 240, "n_test": 192}
 CJK = re.compile(r"[\u4e00-\u9fff]")

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 from trl import SFTConfig
 
-import training
-from collator import VLMCollator
+from qwen_siglip import checkpoints, hub, training
+from qwen_siglip.collator import VLMCollator
 
 RUNNER = str(ROOT / "tests" / "stage_runner.py")
 FAKE_TOKEN = "hf_FAKEtokenThatMustNeverBeWrittenAnywhere0123"
@@ -38,9 +38,9 @@ def test_batch_of_only_bad_examples_raises_with_reasons(tiny):
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_recipe_parses_with_the_stage_parser(recipe):
-    defaults = training.PRETRAIN_DEFAULTS if "pretrain" in recipe.name else training.SFT_DEFAULTS
+    stage = "pretrain" if "pretrain" in recipe.name else "sft"
     cpu = ["--use_cpu", "true", "--bf16", "false"]  # the GPU recipes ask for bf16, which refuses to parse on a CPU
-    script_args, args, model_args = training.parse_args(defaults, ["--config", str(recipe), *cpu])
+    script_args, args, model_args = training.parse_args(stage, ["--config", str(recipe), *cpu])
     assert set(script_args.train_modules) <= set(training.MODULES)
     assert args.learning_rate > 0
 
@@ -59,7 +59,7 @@ def test_slurm_recipe_is_bash_that_starts_a_resumable_run_per_node():
     assert '--nnodes "$SLURM_NNODES"' in text and '--node_rank "$SLURM_NODEID"' in text
     assert "--resume_from_checkpoint true" in text and "#SBATCH --requeue" in text
     recipe = text.split("train_sft.py --config ")[1].split()[0]
-    _, args, _ = training.parse_args(training.SFT_DEFAULTS, ["--config", str(ROOT / recipe), "--use_cpu", "true"])
+    _, args, _ = training.parse_args("sft", ["--config", str(ROOT / recipe), "--use_cpu", "true"])
     assert args.resume_from_checkpoint is None  # the recipe itself starts afresh; the script adds `true`
 
 
@@ -74,13 +74,13 @@ def test_unknown_train_module_is_refused(tiny_bases, shapes_data, tmp_path):
 def pretrain(bases, data, out: Path, *extra: str) -> Path:
     vision, text = map(str, bases)
     argv = ["--vision_model", vision, "--text_model", text, "--dataset_name", str(data["pretrain"])]
-    return training.main(training.PRETRAIN_DEFAULTS, argv + ["--output_dir", str(out), *CPU_RUN, "--max_steps", "2"]
+    return training.main("pretrain", argv + ["--output_dir", str(out), *CPU_RUN, "--max_steps", "2"]
                          + list(extra))  # fmt: skip
 
 
 def sft(start: Path, data, out: Path, *extra: str, callbacks: list | None = None) -> Path:
     argv = ["--model_name_or_path", str(start), "--dataset_name", str(data["sft_train"]), "--output_dir", str(out)]
-    return training.main(training.SFT_DEFAULTS, argv + [*CPU_RUN, "--max_steps", "2", *extra], callbacks)
+    return training.main("sft", argv + [*CPU_RUN, "--max_steps", "2", *extra], callbacks)
 
 
 class RecordOptimizer(TrainerCallback):
@@ -152,7 +152,7 @@ def test_stage2_learns_projector_and_lm_and_answers_through_pipeline_in_fresh_pr
     out = sft(stage1, shapes_data, tmp_path / "sft", "--projector_lr", "1e-2", callbacks=[recorder])
     lrs = {lr for lr, names in recorder.groups for n in names if "multi_modal_projector" in n}
     lm_lrs = {lr for lr, names in recorder.groups for n in names if "language_model" in n}
-    assert lrs == {1e-2} and lm_lrs == {training.SFT_DEFAULTS["learning_rate"]}
+    assert lrs == {1e-2} and lm_lrs == {training.STAGES["sft"]["learning_rate"]}
     before, after = weights(stage1), weights(out)
     assert changed(before, after, "model.multi_modal_projector.")
     assert changed(before, after, "model.language_model.")
@@ -250,8 +250,8 @@ def test_eval_folder_is_pushed_only_when_asked(stage1, tmp_path, monkeypatch):
     model = shutil.copytree(stage1, tmp_path / "model")
     (model / "eval").mkdir()
     (model / "eval" / "predictions.jsonl").write_text('{"reference": "a held-out answer"}\n')  # as evaluate.py
-    training.push_folder(model, "someone/x")
-    training.push_folder(model, "someone/x", push_eval=True)
+    hub.push_folder(model, "someone/x")
+    hub.push_folder(model, "someone/x", push_eval=True)
     by_default, asked = (files_the_push_uploads(u) for u in uploads)
     assert not [f for f in by_default if f.startswith("eval/")] and "eval/predictions.jsonl" in asked
 
@@ -429,10 +429,10 @@ def test_resume_true_skips_a_checkpoint_killed_mid_save(stage1, shapes_data, unb
 def test_resume_true_without_a_complete_checkpoint_starts_afresh_and_a_missing_path_is_refused(tmp_path):
     (tmp_path / "checkpoint-3").mkdir()
     (tmp_path / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3, "log_hi')  # cut by a kill
-    assert training.resolve_resume("true", str(tmp_path)) is None
-    assert training.resolve_resume("true", str(tmp_path / "not-yet-created")) is None  # first run of a job
+    assert checkpoints.resolve_resume("true", str(tmp_path)) is None
+    assert checkpoints.resolve_resume("true", str(tmp_path / "not-yet-created")) is None  # first run of a job
     with pytest.raises(ValueError, match="does not exist; there is no complete checkpoint in"):
-        training.resolve_resume(str(tmp_path / "checkpoint-9"), str(tmp_path))
+        checkpoints.resolve_resume(str(tmp_path / "checkpoint-9"), str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- the embedded default

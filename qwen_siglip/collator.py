@@ -24,7 +24,7 @@ from collections import Counter
 import torch
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from processing_qwen_siglip import IMAGE_TOKEN
+from processing_qwen_siglip import IMAGE_TOKEN, VISION_END, VISION_START
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -34,20 +34,26 @@ GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 class VLMCollator:
     """Collate `{"messages": [...], "images": [PIL, ...]}` examples for `SFTTrainer(data_collator=...)`."""
 
-    def __init__(self, processor, max_length: int | None = 1024, pad_to_multiple_of: int | None = None):
+    def __init__(
+        self,
+        processor,
+        max_length: int | None = 1024,
+        pad_to_multiple_of: int | None = None,
+        strict: bool = False,
+    ):
+        """`strict`: a batch whose examples all fail raises instead of being replaced (training's --strict)."""
         self.processor = processor
         self.max_length = max_length
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.strict = strict
         tok = processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.vision_end = tok.convert_tokens_to_ids("<|vision_end|>")
-        self.vision_ids = set(tok.convert_tokens_to_ids(["<|vision_start|>", IMAGE_TOKEN, "<|vision_end|>"]))
+        self.vision_end = tok.convert_tokens_to_ids(VISION_END)
+        self.vision_ids = set(tok.convert_tokens_to_ids([VISION_START, IMAGE_TOKEN, VISION_END]))
         if not GENERATION_TAG.search(processor.chat_template or ""):
             raise ValueError("The processor's chat template must mark assistant turns with {% generation %}")
         self.skipped: Counter = Counter()
-
-    strict = False  # training.main sets it from --strict: an all-bad batch raises instead of being replaced
-    spare: tuple | None = None  # the last good row, to stand in for a later batch whose examples all fail
+        self.spare: tuple | None = None  # the last good row, to stand in for a later batch whose examples all fail
 
     def __call__(self, examples: list[dict | None]) -> dict[str, torch.Tensor]:
         rows = [row for row in map(self.encode, examples) if row is not None]

@@ -5,11 +5,10 @@ Notable:
   google/siglip-base-patch16-224) with a PIL image processor; the text base is a `Qwen2ForCausalLM` with tied
   embeddings (as Qwen2.5-0.5B; `tie_word_embeddings=False` for an LM with its own head, as Qwen2.5-7B) and a
   byte-level BPE tokenizer trained here that carries Qwen's special tokens.
-- Tests and the embedded quickstart then go through the same `from_pretrained_parts` path as the real bases.
-- `initializer_range` is Qwen's 0.02 by default, which suits Qwen's widths (896 and up). In a 64-128 wide model it
-  leaves attention logits near zero, so attention stays near uniform for hundreds of steps. Measured on a
-  128-wide model on the quickstart's captions (48 px images, pixel shuffle 3), held-out captions right after 500
-  caption steps: 2% and 36% (two seeds) at 0.02, 96% and 95% at 0.08 (about 1/sqrt(width)).
+- Tests and the embedded quickstart then go through the same `compose` path as the real bases.
+- `initializer_range` is Qwen's 0.02 by default, which suits Qwen's widths (896 and up); a 64-128 wide model needs
+  about 1/sqrt(width), or its attention logits stay near zero and attention near uniform for hundreds of steps
+  (the README's quickstart section gives the measurement and its command).
 """
 
 import json
@@ -28,8 +27,10 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from processing_qwen_siglip import IMAGE_TOKEN, VISION_END, VISION_START
+
 # Qwen2.5's special tokens that the VLM relies on (their ids differ here; the code never hard-codes them).
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", VISION_START, VISION_END, IMAGE_TOKEN]
 DEFAULT_CORPUS = [
     "user assistant system Describe the image. What is in the picture? A photo of a cat on a red sofa.",
     "What colour is the shape? How many shapes are there? Where is it? left right top bottom middle",
@@ -77,6 +78,15 @@ def save_tiny_bases(
     vision_dir, text_dir = out_dir / "siglip", out_dir / "qwen2"
     torch.manual_seed(seed)
     small = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * hidden)
+    save_siglip(vision_dir, small, image_size, patch_size)
+    qwen = dict(small, num_key_value_heads=max(1, heads // 2), tie_word_embeddings=tie_word_embeddings,
+                initializer_range=initializer_range)  # fmt: skip
+    save_qwen2(text_dir, build_tokenizer(texts), **qwen)
+    return vision_dir, text_dir
+
+
+def save_siglip(folder: Path, small: dict, image_size: int, patch_size: int) -> None:
+    """A full SigLIP (vision + text) with a PIL image processor, as google/siglip-base-patch16-224 is laid out."""
     siglip = SiglipConfig(
         vision_config=dict(**small, image_size=image_size, patch_size=patch_size),
         # SigLIP's text half is dropped by the builder; it only has to be a valid model (ids inside its vocab).
@@ -89,28 +99,26 @@ def save_tiny_bases(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        SiglipModel(siglip).save_pretrained(vision_dir)
+        SiglipModel(siglip).save_pretrained(folder)
     finally:
         hf_logging.set_verbosity(verbosity)
     SiglipImageProcessorPil(
         size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
-    ).save_pretrained(vision_dir)
+    ).save_pretrained(folder)
 
-    tokenizer = build_tokenizer(texts)
-    tokenizer.save_pretrained(text_dir)
+
+def save_qwen2(folder: Path, tokenizer: Qwen2Tokenizer, **config) -> None:
+    """A Qwen2 causal LM with `tokenizer` and a generation config that stops at the end of a turn."""
+    tokenizer.save_pretrained(folder)
     im_end, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     qwen = Qwen2Config(
-        **small,
-        num_key_value_heads=max(1, heads // 2),
+        **config,  # initializer_range is the std of the LM's random weights (see above)
         # Padded like Qwen's 151936 > 151665, always with a spare row: the LLaVA export puts `<image>` there.
         vocab_size=(len(tokenizer) // 64 + 1) * 64,
         max_position_embeddings=1024,
-        tie_word_embeddings=tie_word_embeddings,
-        initializer_range=initializer_range,  # the std of the LM's random weights (see above)
         eos_token_id=im_end,
         pad_token_id=pad,
         bos_token_id=None,
     )
-    Qwen2ForCausalLM(qwen).save_pretrained(text_dir)
-    GenerationConfig(eos_token_id=[im_end, pad], pad_token_id=pad).save_pretrained(text_dir)
-    return vision_dir, text_dir
+    Qwen2ForCausalLM(qwen).save_pretrained(folder)
+    GenerationConfig(eos_token_id=[im_end, pad], pad_token_id=pad).save_pretrained(folder)

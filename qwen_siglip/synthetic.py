@@ -6,11 +6,7 @@ SigLIP + Qwen2 model learns in a few CPU minutes, while the same model fed blank
 What is notable:
 - The layout matches the vision tower. A 32 px image is a 2x2 grid of 16 px cells, each exactly 2x2 of the
   8 px SigLIP patches. Every shape (11-13 px) sits alone inside its own cell, so shapes never overlap or touch,
-  and colour, shape, side and count are all local features a 2-layer encoder can pick up. The size was 48 px
-  (3x3 patches a cell) while the tiny LM had Qwen's 0.02 init, under which shapes at 32 px were slow to learn; with
-  tiny.py's init scaled to the width, 32 px is learned as well and faster (16 image tokens instead of 36; captions
-  right after 500 stage-1 steps: 100% at 32 px; 95-96% at 48 px with each cell's 3x3 patches merged into one token
-  by pixel shuffle).
+  and colour, shape, side and count are all local features a 2-layer encoder can pick up (16 image tokens).
 - Answers are one canonical word or digit, in English or Chinese, so exact match is meaningful. Colour,
   shape and position ("left"/"right") are asked only of single-shape images; count of images with 1-3.
 - Items are planned answer-first: (question kind, answer, language) cycles through every combination and
@@ -162,6 +158,73 @@ def sft_row(rng: random.Random, scene: Scene, image: str, kind: str, lang: str, 
     return {"conversations": conversation, "image": image}
 
 
+def _writer(out: Path, image_size: int):
+    """save(scene, name) -> the image's path relative to `out`, after drawing it into out/images/."""
+
+    def save(scene: Scene, name: str) -> str:
+        draw(scene, image_size).save(out / "images" / f"{name}.png")
+        return f"images/{name}.png"
+
+    return save
+
+
+def _caption_turns(rng: random.Random, scene: Scene, lang: str, llava: bool = False) -> list[dict]:
+    """A describe-the-image prompt and the scene's caption, in LLaVA's (from/value) or role/content form."""
+    prompt, reply = "<image>\n" + rng.choice(DESCRIBE[lang]), caption(scene, lang)
+    if llava:
+        return [{"from": "human", "value": prompt}, {"from": "gpt", "value": reply}]
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def _pretrain(out: Path, n: int, seed: int, save, seen: set, image_size: int) -> Path:
+    """Stage-1 captions (LLaVA json) of 1-3 shapes, English or Chinese."""
+    rng, rows = random.Random(f"pretrain-{seed}"), []
+    for i in range(n):
+        scene, lang = random_scene(rng, image_size, n=rng.randint(1, 3)), rng.choice(LANGS)
+        seen.add(scene)
+        rows.append({"id": f"pretrain_{i:06d}", "image": save(scene, f"pretrain_{i:06d}"),
+                     "conversations": _caption_turns(rng, scene, lang, llava=True)})  # fmt: skip
+    path = out / "pretrain.json"
+    path.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+    return path
+
+
+def _sft(out: Path, split: str, n: int, seed: int, save, seen: set, image_size: int) -> Path:
+    """Stage-2 questions (minimind-v jsonl), planned answer-first; the train split gets some captions too."""
+    rng, rows = random.Random(f"{split}-{seed}"), []  # a separate stream: test draws never mirror train draws
+    for i, (kind, value, lang) in enumerate(plan(n, rng)):
+        scene = scene_for(rng, image_size, kind, value)
+        while split == "test" and scene in seen:
+            scene = scene_for(rng, image_size, kind, value)
+        if split == "train":
+            seen.add(scene)
+        multi_turn = split == "train" and rng.random() < MULTI_TURN
+        rows.append(sft_row(rng, scene, save(scene, f"{split}_{i:06d}"), kind, lang, multi_turn))
+    if split == "train":  # some captions too, or stage 2 would forget how to describe an image
+        for i in range(n, n + round(n * SFT_CAPTIONS)):
+            scene, lang = random_scene(rng, image_size, n=rng.randint(1, 3)), rng.choice(LANGS)
+            seen.add(scene)
+            rows.append({"conversations": _caption_turns(rng, scene, lang), "image": save(scene, f"{split}_{i:06d}")})
+        rng.shuffle(rows)
+    return _write_jsonl(out / f"sft_{split}.jsonl", rows)
+
+
+def _caption_test(out: Path, n: int, seed: int, save, seen: set, image_size: int) -> Path:
+    """Held-out captions of unseen scenes: every count, both languages."""
+    rng, rows = random.Random(f"caption-test-{seed}"), []
+    for i in range(n):
+        scene, lang = random_scene(rng, image_size, n=1 + i % 3), LANGS[i // 3 % 2]
+        while scene in seen:
+            scene = random_scene(rng, image_size, n=1 + i % 3)
+        rows.append({"conversations": _caption_turns(rng, scene, lang), "image": save(scene, f"caption_test_{i:06d}")})
+    return _write_jsonl(out / "caption_test.jsonl", rows)
+
+
 def make_shapes_dataset(
     out_dir: str | Path,
     *,
@@ -175,59 +238,12 @@ def make_shapes_dataset(
     """Write the splits; `n_caption_test` > 0 adds `caption_test` (held-out captions, half English, half Chinese)."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    seen = set()  # training scenes: a test scene equal to one of them is redrawn
-
-    def save(scene: Scene, name: str) -> str:
-        draw(scene, image_size).save(out / "images" / f"{name}.png")
-        return f"images/{name}.png"
-
-    rng = random.Random(f"pretrain-{seed}")
-    pretrain = []
-    for i in range(n_pretrain):
-        scene, lang = random_scene(rng, image_size, n=rng.randint(1, 3)), rng.choice(LANGS)
-        seen.add(scene)
-        prompt = {"from": "human", "value": "<image>\n" + rng.choice(DESCRIBE[lang])}
-        turns = [prompt, {"from": "gpt", "value": caption(scene, lang)}]
-        pretrain.append({"id": f"pretrain_{i:06d}", "image": save(scene, f"pretrain_{i:06d}"), "conversations": turns})
-    paths = {
-        "pretrain": out / "pretrain.json",
-        "sft_train": out / "sft_train.jsonl",
-        "sft_test": out / "sft_test.jsonl",
-    }
-    paths["pretrain"].write_text(json.dumps(pretrain, ensure_ascii=False, indent=1), encoding="utf-8")
-
+    save, seen = _writer(out, image_size), set()  # seen: training scenes, which a test scene must not equal
+    paths = {"pretrain": _pretrain(out, n_pretrain, seed, save, seen, image_size)}
     for split, n in (("train", n_sft), ("test", n_test)):
-        rng = random.Random(f"{split}-{seed}")  # a separate stream: test draws never mirror train draws
-        rows = []
-        for i, (kind, value, lang) in enumerate(plan(n, rng)):
-            scene = scene_for(rng, image_size, kind, value)
-            while split == "test" and scene in seen:
-                scene = scene_for(rng, image_size, kind, value)
-            if split == "train":
-                seen.add(scene)
-            multi_turn = split == "train" and rng.random() < MULTI_TURN
-            rows.append(sft_row(rng, scene, save(scene, f"{split}_{i:06d}"), kind, lang, multi_turn))
-        if split == "train":  # some captions too, or stage 2 would forget how to describe an image
-            for i in range(n, n + round(n * SFT_CAPTIONS)):
-                scene, lang = random_scene(rng, image_size, n=rng.randint(1, 3)), rng.choice(LANGS)
-                seen.add(scene)
-                turns = [{"role": "user", "content": "<image>\n" + rng.choice(DESCRIBE[lang])}]
-                turns.append({"role": "assistant", "content": caption(scene, lang)})
-                rows.append({"conversations": turns, "image": save(scene, f"{split}_{i:06d}")})
-            rng.shuffle(rows)
-        lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        paths[f"sft_{split}"].write_text(lines, encoding="utf-8")
+        paths[f"sft_{split}"] = _sft(out, split, n, seed, save, seen, image_size)
     if n_caption_test:
-        rng, rows = random.Random(f"caption-test-{seed}"), []
-        for i in range(n_caption_test):
-            scene, lang = random_scene(rng, image_size, n=1 + i % 3), LANGS[i // 3 % 2]  # every count, both languages
-            while scene in seen:
-                scene = random_scene(rng, image_size, n=1 + i % 3)
-            turns = [{"role": "user", "content": "<image>\n" + rng.choice(DESCRIBE[lang])}]
-            turns.append({"role": "assistant", "content": caption(scene, lang)})
-            rows.append({"conversations": turns, "image": save(scene, f"caption_test_{i:06d}")})
-        paths["caption_test"] = out / "caption_test.jsonl"
-        paths["caption_test"].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+        paths["caption_test"] = _caption_test(out, n_caption_test, seed, save, seen, image_size)
     return {**paths, "images": out / "images"}
 
 

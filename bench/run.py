@@ -1,10 +1,10 @@
 """Benchmark: QwenSiglip vs transformers' LLaVA with the very same weights: training, generation, data, packing.
 
-    HF_HUB_OFFLINE=1 python bench/bench.py              # CPU: fp32, batch 2, ~12 min on 2 idle cores
-    HF_HUB_OFFLINE=1 python bench/bench.py --threads 1  # a 2-core machine shared with others: bench/results/cpu.json
-    HF_HUB_OFFLINE=1 python bench/bench.py --sections packing   # packing alone (~14 min): results/cpu-packing.json
-    HF_HUB_OFFLINE=1 python bench/bench.py --quick      # smoke run (~3 min): 1 repeat, batch 1, generation batch 1
-    python bench/bench.py --device cuda                 # GPU: bf16, batch 16, 64 new tokens, flash attention
+    HF_HUB_OFFLINE=1 python -m bench              # CPU: fp32, batch 2
+    HF_HUB_OFFLINE=1 python -m bench --threads 1  # a 2-core machine shared with others: bench/results/cpu.json
+    HF_HUB_OFFLINE=1 python -m bench --sections packing   # packing alone: results/cpu-packing.json
+    HF_HUB_OFFLINE=1 python -m bench --quick      # smoke run: 1 repeat, batch 1, generation batch 1
+    python -m bench --device cuda                 # GPU: bf16, batch 16, 64 new tokens, flash attention
     Flags for more: --batch-size, --repeats, --gen-repeats, --gen-batch-sizes, --new-tokens, --text-tokens, --workers,
     --gradient-checkpointing recipe|off|on, --sections train,generate,data,packing, --quiet-wait, --pack-*.
 
@@ -21,14 +21,13 @@ ratios (so a neighbour slowing one stretch of the run hits both sides of a pair)
 - bench_packing.py: stage 2 on a length mix: padded, grouped by length, padding-free, packed;
 - report.py: the issue's targets and the tables.
 Tokenizer: tiny.build_tokenizer trained on the benchmark's texts (the Qwen2.5 tokenizer is not downloadable). Its
-<|image_pad|> id is small, so `image_token_id` is set to it in the config, as `from_pretrained_parts` does for any
+<|image_pad|> id is small, so `image_token_id` is set to it in the config, as `compose` does for any
 tokenizer; ids change no cost. Token counts are the collator's own (tokens/s: all non-padding tokens).
 """
 
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,14 +35,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # the repo's modules, and this folder's (run from anywhere)
 
 import torch  # noqa: E402
-from bench_packing import bench_packing  # noqa: E402
-from data_pipeline import bench_data  # noqa: E402
-from generation import bench_generation  # noqa: E402
-from machine import MemoryProbe, QuietGate, machine_info, peak_matmul_flops  # noqa: E402
-from models import (  # noqa: E402, F401 (tests reach share_parameters and check_same_logits through here)
+
+from bench.bench_packing import bench_packing  # noqa: E402
+from bench.data_pipeline import bench_data  # noqa: E402
+from bench.generation import bench_generation  # noqa: E402
+from bench.machine import MemoryProbe, QuietGate, machine_info, peak_matmul_flops  # noqa: E402
+from bench.models import (  # noqa: E402
     LLAVA,
     OURS,
     OURS_PS2,
@@ -51,17 +50,15 @@ from models import (  # noqa: E402, F401 (tests reach share_parameters and check
     build_processor,
     check_same_logits,
     make_data,
-    share_parameters,
     to_device,
 )
-from report import table, targets  # noqa: E402
-from train_step import _paired, bench_training  # noqa: E402, F401
-
-from collator import VLMCollator  # noqa: E402
+from bench.report import table, targets  # noqa: E402
+from bench.train_step import bench_training  # noqa: E402
 from configuration_qwen_siglip import QwenSiglipConfig  # noqa: E402
-from data import load_vlm_dataset  # noqa: E402
 from processing_qwen_siglip import IMAGE_TOKEN  # noqa: E402
-from tiny import DEFAULT_CORPUS, build_tokenizer  # noqa: E402
+from qwen_siglip.collator import VLMCollator  # noqa: E402
+from qwen_siglip.data import load_vlm_dataset  # noqa: E402
+from qwen_siglip.tiny import DEFAULT_CORPUS, build_tokenizer  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,13 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quiet-wait",
         type=float,
         default=None,
-        help="max seconds to wait for a quiet CPU before each measurement (10x in all); default 0 (never wait)",
+        help="max seconds to wait for a quiet CPU before each measurement (10x in all); default 0 (never)",
     )
     p.add_argument(
         "--gradient-checkpointing",
         choices=["recipe", "off", "on"],
         default="recipe",
-        help="activation checkpointing: recipe = stage 2 only, as train_sft.py and the SFT recipes (default)",
+        help="activation checkpointing: recipe = stage 2 only, as train_sft.py and the SFT recipes",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads; default all cores")
     p.add_argument("--workers", default="0,4", help="DataLoader worker counts to measure")
@@ -97,7 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, batch 1, generation batch 1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path; default bench/results/<device>.json")
-    args = p.parse_args(argv)
+    return settle(p.parse_args(argv))
+
+
+def settle(args: argparse.Namespace) -> argparse.Namespace:
+    """Defaults that depend on the device and on --quick; lists parsed; the quiet-CPU gate; the results path."""
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = args.device.startswith("cuda")
@@ -145,37 +146,50 @@ def main(argv: list[str] | None = None) -> dict:
     args.gate.wait()
     first_peak = peak_matmul_flops(args.device, args.dtype)
     print(f"peak matmul: {first_peak['flops_per_s'] / 1e9:.0f} GFLOP/s")
-
     with tempfile.TemporaryDirectory() as tmp:
-        n_data = max(64, args.batch_size * 8, max(args.gen_batch_sizes))
-        data_path, texts = make_data(Path(tmp), n_data, args.text_tokens, args.seed)
-        tokenizer = build_tokenizer([*DEFAULT_CORPUS, *texts], vocab_size=1024)
-        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        config = QwenSiglipConfig.from_pretrained(ROOT, image_token_id=image_token_id)
-        dataset = load_vlm_dataset(str(data_path))
-        examples = [dataset[i] for i in range(max(args.batch_size, max(args.gen_batch_sizes)))]
+        run_sections(args, results, Path(tmp))
+    finish(args, results, first_peak)
+    results["wall_s"] = time.perf_counter() - start
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    print()
+    print(table(results))
+    print(f"\nwrote {args.out} ({results['wall_s']:.0f}s)")
+    return results
 
-        t = time.perf_counter()
-        models = build_models(config, args)
-        print(f"models built in {time.perf_counter() - t:.1f}s")
-        processors = {OURS: build_processor(tokenizer, 196), LLAVA: build_processor(tokenizer, 196)}
-        processors[OURS_PS2] = build_processor(tokenizer, models[OURS_PS2].config.num_image_tokens)
-        collators = {n: VLMCollator(p, max_length=2048) for n, p in processors.items()}
-        batches = {n: to_device(c(examples[: args.batch_size]), args.device, args.dtype) for n, c in collators.items()}
-        results["logits_max_abs_diff"] = check_same_logits(models[OURS], models[LLAVA], batches[OURS], args.dtype)
-        print(f"ours vs LLaVA logits: max |diff| {results['logits_max_abs_diff']:.2g}")
 
-        if "train" in args.sections:
-            results["training"] = bench_training(models, batches, args)
-        if "generate" in args.sections:
-            results["generation"] = bench_generation(models, processors, examples, tokenizer, args)
-        if "data" in args.sections:
-            results["data"] = []
-            for workers in args.workers:
-                args.gate.wait()
-                results["data"].append(bench_data(dataset, collators[OURS], args.batch_size, workers))
-        if "packing" in args.sections:
-            results["packing"] = bench_packing(models, processors[OURS], Path(tmp), args)
+def run_sections(args: argparse.Namespace, results: dict, tmp: Path) -> None:
+    """Build the data and the models compared, check they agree, then time each section asked for."""
+    n_data = max(64, args.batch_size * 8, max(args.gen_batch_sizes))
+    data_path, texts = make_data(tmp, n_data, args.text_tokens, args.seed)
+    tokenizer = build_tokenizer([*DEFAULT_CORPUS, *texts], vocab_size=1024)
+    config = QwenSiglipConfig.from_pretrained(ROOT, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    dataset = load_vlm_dataset(str(data_path))
+    examples = [dataset[i] for i in range(max(args.batch_size, max(args.gen_batch_sizes)))]
+    t = time.perf_counter()
+    models = build_models(config, args)
+    print(f"models built in {time.perf_counter() - t:.1f}s")
+    processors = {OURS: build_processor(tokenizer, 196), LLAVA: build_processor(tokenizer, 196)}
+    processors[OURS_PS2] = build_processor(tokenizer, models[OURS_PS2].config.num_image_tokens)
+    collators = {n: VLMCollator(p, max_length=2048) for n, p in processors.items()}
+    batches = {n: to_device(c(examples[: args.batch_size]), args.device, args.dtype) for n, c in collators.items()}
+    results["logits_max_abs_diff"] = check_same_logits(models[OURS], models[LLAVA], batches[OURS], args.dtype)
+    print(f"ours vs LLaVA logits: max |diff| {results['logits_max_abs_diff']:.2g}")
+    if "train" in args.sections:
+        results["training"] = bench_training(models, batches, args)
+    if "generate" in args.sections:
+        results["generation"] = bench_generation(models, processors, examples, tokenizer, args)
+    if "data" in args.sections:
+        results["data"] = []
+        for workers in args.workers:
+            args.gate.wait()
+            results["data"].append(bench_data(dataset, collators[OURS], args.batch_size, workers))
+    if "packing" in args.sections:
+        results["packing"] = bench_packing(models, processors[OURS], tmp, args)
+
+
+def finish(args: argparse.Namespace, results: dict, first_peak: dict) -> None:
+    """The matmul ceiling (MFU's denominator), the machine's load, and the targets."""
     # The ceiling is the better of two timings, first and last: one taken while a neighbour ran would understate it.
     args.gate.wait()
     last_peak = peak_matmul_flops(args.device, args.dtype)
@@ -186,13 +200,6 @@ def main(argv: list[str] | None = None) -> dict:
     results["load_average"]["end"] = os.getloadavg()
     results["quiet_gate"] = {"waited_s": args.gate.waited, "measurements_started_busy": args.gate.busy_starts}
     results["targets"] = targets(results)
-    results["wall_s"] = time.perf_counter() - start
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
-    print()
-    print(table(results))
-    print(f"\nwrote {args.out} ({results['wall_s']:.0f}s)")
-    return results
 
 
 if __name__ == "__main__":

@@ -27,12 +27,10 @@ import bisect
 import logging
 import math
 import time
-from functools import partial
 
 import torch
-from torch.utils.data import DataLoader
 
-from collator import IGNORE_INDEX, VLMCollator
+from qwen_siglip.collator import IGNORE_INDEX, VLMCollator
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +87,7 @@ def cheap_lengths(dataset, processor, max_length: int | None = None, chunk: int 
     lengths = []
     for lo in range(0, len(dataset), chunk):
         chats = [dataset.messages(i) for i in range(lo, min(lo + chunk, len(dataset)))]
-        texts = processor.apply_chat_template(chats)  # a list in, a list out: 30% faster than one by one
+        texts = processor.apply_chat_template(chats)  # a list in, a list out: faster than one by one
         for ids in tok(texts, add_special_tokens=False)["input_ids"]:
             n = len(ids) + extra * ids.count(image_id)
             lengths.append(min(n, max_length) if max_length else n)
@@ -184,22 +182,28 @@ class LengthGroupedBatchSampler:
         return math.ceil(len(self.lengths) / self.batch_size)
 
 
-# ----------------------------------------------------------------------------- wiring into training.main
+# ----------------------------------------------------------------------------- choosing collator and sampler
 
 
-def setup(training_args, group_by_length: bool, model, processor, dataset):
-    """Read --padding_free/--packing/--group_by_length; return (collator, batch sampler or None).
-
-    TRL refuses padding_free and packing for vision data, so they are switched off on the SFTConfig here, before
-    SFTTrainer sees them, and done by our collator and sampler instead.
-    """
-    packing = training_args.packing
-    padding_free = training_args.padding_free or packing  # a pack is laid out padding-free
-    training_args.padding_free = training_args.packing = False
+def batching(
+    processor,
+    model,
+    dataset,
+    *,
+    padding_free: bool = False,
+    packing: bool = False,
+    group_by_length: bool = False,
+    max_length: int | None = None,
+    rows: int = 1,
+    seed: int = 0,
+    strict: bool = False,
+):
+    """(collator, batch sampler or None) for --padding_free / --packing / --group_by_length (`rows`: the per-device
+    batch). TRL refuses the first two for vision data; training switches TRL's own off (`override_trl_args`)."""
+    padding_free = padding_free or packing  # a pack is laid out padding-free
     if padding_free and group_by_length:
         raise ValueError("--group_by_length is for padded batches; with --padding_free/--packing there is no padding")
-    max_length = training_args.max_length
-    collator = (PaddingFreeCollator if padding_free else VLMCollator)(processor, max_length=max_length)
+    collator = (PaddingFreeCollator if padding_free else VLMCollator)(processor, max_length=max_length, strict=strict)
     if padding_free:
         check_attention(model)
     if not (packing or group_by_length):
@@ -211,26 +215,6 @@ def setup(training_args, group_by_length: bool, model, processor, dataset):
     if packing and not max_length:
         raise ValueError("--packing needs --max_length: the size of a pack")
     lengths = cheap_lengths(dataset, processor, max_length)
-    rows, seed = training_args.per_device_train_batch_size, training_args.seed
     if packing:
         return collator, PackedBatchSampler(lengths, max_length, rows, seed=seed)
     return collator, LengthGroupedBatchSampler(lengths, rows, seed=seed)
-
-
-def train_dataloader(trainer, batch_sampler) -> DataLoader:
-    """The Trainer's training DataLoader, with our batch sampler in place of its sampler and batch size."""
-    from transformers.trainer_utils import seed_worker
-
-    args = trainer.args
-    loader = DataLoader(
-        trainer.train_dataset,
-        batch_sampler=batch_sampler,
-        collate_fn=trainer.data_collator,
-        num_workers=args.dataloader_num_workers,
-        pin_memory=args.dataloader_pin_memory,
-        persistent_workers=args.dataloader_persistent_workers,
-        prefetch_factor=args.dataloader_prefetch_factor,
-        worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index),
-    )
-    # Several processes: accelerate wraps the batch sampler so each rank takes every world_size-th micro-batch.
-    return trainer.accelerator.prepare(loader)

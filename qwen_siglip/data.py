@@ -1,0 +1,273 @@
+"""Training and evaluation datasets over any supported source: records checked at load, images decoded per example.
+
+    {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}],
+     "images": [PIL.Image in RGB]}          # one image per {"type": "image"} item, in order of appearance
+
+Formats: `records.py`; sources: `sources.py`; the image opener: `images.py`.
+
+Notable:
+- Records are checked at load time (roles, empty turns, <image> count vs images, image header) and bad ones are
+  skipped, counted by reason and reported in ONE warning; strict=True raises on the first one instead. Every
+  message names the file, the record index, the record's own field (`images[1]`, `image`, `image_id`) and the reason.
+- Image paths are confined to the image root (symlinks resolved) and stat-ed, never opened, before use.
+- Images are decoded lazily, per example. A decode that still fails (a truncated file whose header is whole) makes
+  `ds[i]` None, counted in `late_skipped`; in training (`to_hf()`) the next good example stands in, so batches are
+  never empty and a non-strict run never dies on data. Strict raises at that record. With DataLoader workers these
+  late failures are counted in each worker's copy, not in the main process's `late_skipped`.
+- Pitfall: TRL 1.16's SFTTrainer rejects anything that is not a `datasets` object, so pass `ds.to_hf()` to it.
+"""
+
+import logging
+import os
+from array import array
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from qwen_siglip.images import MAX_PIXELS, ImageRefused, check_file, decode_opened, open_header, shorten, why
+from qwen_siglip.records import BadRecord, normalize
+from qwen_siglip.sources import Source, find_sources
+
+log = logging.getLogger(__name__)
+
+REPLACE_TRIES = 16  # training replaces an undecodable example by the next of up to this many
+
+
+# ----------------------------------------------------------------------------- a record's images, under its root
+
+
+def _image_src(ref: Any, root: Path | None, field: str) -> tuple[Any, str]:
+    """A record's image reference -> (what load_rgb/open_header take, how messages name it). Raises BadRecord."""
+    if isinstance(ref, dict) and not ref.get("bytes"):  # HF's {"bytes": None, "path": ...}: a file after all
+        ref = ref.get("path")
+    if isinstance(ref, (str, os.PathLike)):
+        return _resolve(os.fspath(ref), root, field), f"file {shorten(os.fspath(ref))}"
+    if isinstance(ref, (bytes, bytearray, dict, Image.Image)):
+        return ref, f"image of {shorten(ref.get('bytes') if isinstance(ref, dict) else ref)}"
+    raise BadRecord("malformed_record", field, f"unusable image reference {shorten(ref)}")
+
+
+def _resolve(rel: str, root: Path | None, field: str) -> Path:
+    """`rel` under `root`, checked: confined to root (symlinks resolved), a regular file. Raises BadRecord."""
+    shown = f"file {shorten(rel)}"
+    if rel.startswith(("http://", "https://")):
+        raise BadRecord("image_url", field, f"{shown} is a URL: training does not download images (fetch them "
+                        "first and give paths under image_root)")  # fmt: skip
+    if root is None:
+        raise BadRecord("missing_image", field, f"{shown} given but no image_root")
+    try:
+        path = (root / rel).resolve()  # absolute `rel` replaces root; resolve() follows symlinks: all escapes show
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte ("embedded null byte"), a symlink loop (<3.13)
+        detail = "the path holds a NUL byte" if "\0" in rel else f"unusable path ({why(e)})"
+        raise BadRecord("bad_path", field, f"{shown}: {detail}") from None
+    if not path.is_relative_to(root):
+        raise BadRecord("image_outside_root", field, f"{shown} is outside the image root")
+    try:
+        return check_file(path, shown)
+    except ImageRefused as e:
+        where = " under image root" if e.reason == "missing_image" else ""
+        raise BadRecord(e.reason, field, f"{e}{where}") from None
+
+
+def _probe(ref: Any, root: Path | None, field: str, max_pixels: int) -> None:
+    """Load-time check, cheap: the file is there and its header is an image of acceptable size."""
+    src, shown = _image_src(ref, root, field)
+    try:
+        im, _, owned = open_header(src, max_pixels=max_pixels, name=shown)
+    except ImageRefused as e:
+        raise BadRecord(e.reason, field, str(e)) from None
+    if owned:
+        im.close()
+
+
+def _decode(ref: Any, root: Path | None, field: str, max_pixels: int) -> Image.Image:
+    """Per-example decode through the one image opener, load_rgb. Raises BadRecord."""
+    src, shown = _image_src(ref, root, field)
+    try:
+        return decode_opened(*open_header(src, max_pixels=max_pixels, name=shown))
+    except ImageRefused as e:
+        raise BadRecord(e.reason, field, str(e)) from None
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+class _Records:
+    """What the map-style and streaming datasets share: checking records, decoding, counting the bad ones."""
+
+    streaming = False
+
+    def __init__(
+        self,
+        source: str,
+        image_root: str | None = None,
+        *,
+        split: str = "train",
+        strict: bool = False,
+        limit: int | None = None,
+        max_pixels: int = MAX_PIXELS,
+    ):
+        self.recipe = (source, image_root, split, self.streaming)
+        self.sources = find_sources(*self.recipe)
+        self.strict, self.limit, self.max_pixels = strict, limit, max_pixels
+        self.skipped: Counter[str] = Counter()  # reason -> number of records skipped at load time
+        self.late_skipped: Counter[str] = Counter()  # the same, for images that failed to decode later, per example
+        self.offenders: list[str] = []  # the first few, as "file record i: field ...: detail"
+
+    def __getstate__(self) -> dict:
+        # Pickled for spawned DataLoader workers and hashed by `datasets` in to_hf(): send the recipe, not 595K
+        # records, and read the files again on arrival. Pitfall: they must not change in between.
+        return {**self.__dict__, "sources": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.sources = find_sources(*self.recipe)
+
+    def _records(self) -> Iterator[tuple[int, int, Any]]:
+        """(source number, record index within its source, raw record), over all sources."""
+        for s, source in enumerate(self.sources):
+            yield from ((s, i, rec) for i, rec in enumerate(source.records))
+
+    def _bad(self, source: Source, index: int, err: BadRecord) -> None:
+        msg = f"{source.name} record {index}: {err} [{err.reason}]"
+        if self.strict:
+            raise ValueError(msg) from err
+        self.skipped[err.reason] += 1
+        if len(self.offenders) < 5:
+            self.offenders.append(msg)
+
+    def _check(self, source: Source, index: int, rec: Any) -> tuple | None:
+        """Load-time check, cheap: normalise and open each image's header. None if the record is bad."""
+        try:
+            messages, refs, fields = normalize(rec, index)
+            for ref, field in zip(refs, fields):
+                _probe(ref, source.root, field, self.max_pixels)
+            return messages, refs, fields
+        except BadRecord as err:
+            self._bad(source, index, err)
+
+    def _example(self, source: Source, index: int, messages: list, refs: list, fields: list) -> dict | None:
+        """Decode the images (None, counted in `late_skipped`, if one fails: a whole header over cut pixel data)."""
+        try:
+            images = [_decode(ref, source.root, field, self.max_pixels) for ref, field in zip(refs, fields)]
+        except BadRecord as err:
+            msg = f"{source.name} record {index}: {err} [{err.reason}]"
+            if self.strict:
+                raise ValueError(msg) from None
+            self.late_skipped[err.reason] += 1
+            total = sum(self.late_skipped.values())
+            if total <= 5 or total % 100 == 0:  # say it early, then now and then: never once per image forever
+                log.warning("VLM data: skipped while training (%d so far): %s", total, msg)
+            return None
+        return {"messages": messages, "images": images}
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{reason}={n}" for reason, n in self.skipped.most_common()) or "none"
+        kept = f"kept {len(self)}, " if hasattr(self, "__len__") else ""
+        return f"{kept}skipped {sum(self.skipped.values())} ({skipped})"
+
+    def _report(self) -> None:
+        if self.skipped:  # ONE warning for the whole load, not one per record
+            log.warning("VLM data: %s; first offenders:\n  %s", self.summary(), "\n  ".join(self.offenders))
+
+
+class VLMDataset(_Records, torch.utils.data.Dataset):
+    """Map-style. Keeps the raw records and the indices of the good ones; normalises again per item (cheap)."""
+
+    def __init__(self, source: str, image_root: str | None = None, **options):
+        super().__init__(source, image_root, **options)
+        self._source, self._row = array("q"), array("q")  # compact: 595K python tuples would cost ~50 MB
+        # Checking opens every image header: minutes for 595K records, so show progress.
+        for s, i, rec in tqdm(self._records(), desc=f"checking {source}", unit=" records", mininterval=2):
+            if self.limit is not None and len(self._row) >= self.limit:
+                break
+            if self._check(self.sources[s], i, rec) is not None:
+                self._source.append(s)
+                self._row.append(i)
+        self._report()
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    def __getitem__(self, idx: int) -> dict | None:
+        source, i = self.sources[self._source[idx]], self._row[idx]
+        return self._example(source, i, *normalize(source.records[i], i))
+
+    def messages(self, idx: int) -> list[dict]:
+        """The chat messages of item `idx`, without opening its images (what packing needs for lengths)."""
+        source, i = self.sources[self._source[idx]], self._row[idx]
+        return normalize(source.records[i], i)[0]
+
+    def to_hf(self) -> datasets.Dataset:
+        """The same examples as a `datasets.Dataset`, for SFTTrainer. An example whose images fail to decode is
+        replaced by the next one that works (counted in `late_skipped`), so a batch is never left empty."""
+        return datasets.Dataset.from_dict({"index": list(range(len(self)))}).with_transform(self._hf_batch)
+
+    def _hf_batch(self, batch: dict) -> dict:
+        examples = [self.replaced_if_bad(i) for i in batch["index"]]
+        return {key: [ex and ex[key] for ex in examples] for key in ("messages", "images")}
+
+    def replaced_if_bad(self, idx: int, tries: int = REPLACE_TRIES) -> dict | None:
+        """Example `idx` or, if it fails to decode, the next good one (deterministic: idx+1, idx+2, ... wrapping).
+
+        None (all-None fields in to_hf(), counted by the collator) only after `tries` failures in a row.
+        Pitfall: evaluation must not use this: it would score one example twice. It indexes `ds[i]` instead.
+        """
+        for k in range(min(tries, len(self))):
+            example = self[(idx + k) % len(self)]
+            if example is not None:
+                return example
+        return None
+
+
+class IterableVLMDataset(_Records, torch.utils.data.IterableDataset):
+    """Streaming: normalises and checks record by record; counts restart with each pass over the data."""
+
+    streaming = True
+
+    def __iter__(self) -> Iterator[dict]:
+        self.skipped.clear()
+        self.late_skipped.clear()
+        self.offenders.clear()
+        worker = torch.utils.data.get_worker_info()
+        n_kept = 0
+        for n, (s, i, rec) in enumerate(self._records()):
+            if worker is not None and n % worker.num_workers != worker.id:
+                continue  # each DataLoader worker takes its share, or every worker would yield everything
+            if self.limit is not None and n_kept >= self.limit:  # pitfall: the limit is per worker
+                break
+            checked = self._check(self.sources[s], i, rec)
+            example = checked and self._example(self.sources[s], i, *checked)
+            if example is not None:
+                n_kept += 1
+                yield example
+        self._report()
+
+    def to_hf(self) -> datasets.IterableDataset:
+        """The same stream as a `datasets.IterableDataset`, for SFTTrainer (which then needs max_steps)."""
+        return datasets.IterableDataset.from_generator(self.__iter__)
+
+
+def load_vlm_dataset(
+    source: str,
+    image_root: str | None = None,
+    *,
+    split: str = "train",
+    streaming: bool = False,
+    strict: bool = False,
+    limit: int | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> VLMDataset | IterableVLMDataset:
+    """Load any supported format as TRL conversational examples; see the module docstring.
+
+    `limit` keeps the first `limit` good examples (handy for smoke runs). `max_pixels` refuses larger images.
+    """
+    cls = IterableVLMDataset if streaming else VLMDataset
+    return cls(source, image_root, split=split, strict=strict, limit=limit, max_pixels=max_pixels)

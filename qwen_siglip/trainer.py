@@ -1,0 +1,87 @@
+"""What every stage adds to its TRL trainer: a projector learning rate, our batch sampler, our model card, progress.
+
+Notable:
+- `StageMixin` goes in front of a TRL trainer class (`QwenSiglipTrainer` = it + `SFTTrainer`), so later stages
+  compose it with their own TRL trainer the same way.
+- `--projector_lr` is a parameter group of its own, whatever else trains (weight decay as the Trainer decides).
+- With a batch sampler (packing, length grouping) the training DataLoader is the Trainer's own, with that sampler
+  in place of its sampler and batch size; accelerate then hands each rank its share of the micro-batches.
+- The model card is ours (`card.write_model_card`), written by rank 0 only.
+"""
+
+import logging
+from functools import partial
+
+from torch.utils.data import DataLoader
+from transformers import TrainerCallback
+from trl import SFTTrainer
+
+from qwen_siglip.card import write_model_card
+
+logger = logging.getLogger(__name__)
+
+
+class StageMixin:
+    """Put in front of a TRL trainer: `projector_lr`, `train_batch_sampler` and `card_info` keyword arguments."""
+
+    def __init__(self, *args, projector_lr: float | None = None, card_info: dict | None = None,
+                 train_batch_sampler=None, **kwargs):  # fmt: skip
+        self.train_batch_sampler = train_batch_sampler  # None: the Trainer's own sampler
+        self.projector_lr = projector_lr
+        self.card_info = card_info or {}
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.projector_lr is None:
+            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+        model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(model))
+        groups: dict[tuple[float, float], list] = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                lr = self.projector_lr if "multi_modal_projector" in name else self.args.learning_rate
+                wd = self.args.weight_decay if name in decay else 0.0
+                groups.setdefault((lr, wd), []).append(param)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        param_groups = [{"params": p, "lr": lr, "weight_decay": wd} for (lr, wd), p in groups.items()]
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def get_train_dataloader(self):
+        if self.train_batch_sampler is None:
+            return super().get_train_dataloader()
+        return self._batch_sampler_dataloader()
+
+    def _batch_sampler_dataloader(self) -> DataLoader:
+        """The Trainer's training DataLoader, with our batch sampler in place of its sampler and batch size."""
+        from transformers.trainer_utils import seed_worker
+
+        args = self.args
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=self.train_batch_sampler,
+            collate_fn=self.data_collator,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers,
+            prefetch_factor=args.dataloader_prefetch_factor,
+            worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index),
+        )
+        # Several processes: accelerate wraps the batch sampler so each rank takes every world_size-th micro-batch.
+        return self.accelerator.prepare(loader)
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        if self.is_world_process_zero():
+            write_model_card(self.args.output_dir, self.state, self.args, **self.card_info)
+
+
+class QwenSiglipTrainer(StageMixin, SFTTrainer):
+    """SFTTrainer with a separate projector learning rate, our batch samplers and our own model card."""
+
+
+class ProgressLog(TrainerCallback):
+    """One plain log line per logging step too, for runs whose progress bar is not on a terminal."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs and "loss" in logs:
+            logger.info(f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}")

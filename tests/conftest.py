@@ -4,6 +4,7 @@ Everything is built offline in temporary folders; nothing here is downloaded.
 """
 
 import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -138,6 +139,17 @@ CPU_RUN = [
     "--per_device_train_batch_size", "4", "--global_batch_size", "4", "--max_length", "256",
     "--logging_steps", "1", "--save_strategy", "no", "--dataloader_num_workers", "0", "--seed", "0",
 ]  # fmt: skip
+
+
+RUNNER = str(ROOT / "tests" / "stage_runner.py")  # a training stage as its script runs it, plus test-only switches
+
+
+def run_stage(args: list[str], env: dict, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`tests/stage_runner.py STAGE ARGS` in its own process (or under `launcher`, e.g. torchrun), one thread each:
+    a training stage exactly as its script runs it, with the test-only switches of `env`."""
+    cmd = (launcher or [sys.executable]) + [RUNNER, *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="session")

@@ -2,23 +2,19 @@
 
 import copy
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import CPU_RUN, ROOT, shape_image
+from conftest import CPU_RUN, ROOT, run_stage, shape_image
 from safetensors.torch import load_file
 from trl.trainer.utils import add_fused_lm_head
 
 from qwen_siglip import packing
 from qwen_siglip.collator import IGNORE_INDEX, VLMCollator
 from qwen_siglip.data import load_vlm_dataset
-
-RUNNER = str(ROOT / "tests" / "stage_runner.py")
 
 
 def chat(question: str, answer: str, color: str = "red", turns: int = 1) -> dict:
@@ -217,12 +213,6 @@ def test_length_grouped_batches_hold_every_sample_once_with_less_padding():
 
 
 # ----------------------------------------------------------------------------- training runs
-
-
-def run_stage(args: list[str], env: dict, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    cmd = (launcher or [sys.executable]) + [RUNNER, *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def sft_args(start: Path, data, out: Path, *extra: str) -> list[str]:

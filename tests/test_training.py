@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CPU_RUN, ROOT, build_tiny, chat, shape_image
+from conftest import CPU_RUN, ROOT, RUNNER, build_tiny, chat, run_stage, shape_image
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 from trl import SFTConfig
@@ -19,7 +19,6 @@ from trl import SFTConfig
 from qwen_siglip import checkpoints, hub, training
 from qwen_siglip.collator import VLMCollator
 
-RUNNER = str(ROOT / "tests" / "stage_runner.py")
 FAKE_TOKEN = "hf_FAKEtokenThatMustNeverBeWrittenAnywhere0123"
 
 
@@ -257,12 +256,6 @@ def test_eval_folder_is_pushed_only_when_asked(stage1, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- launchers: processes, nodes, shards
-
-
-def run_stage(args: list[str], env: dict, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    cmd = (launcher or [sys.executable]) + [RUNNER, *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def sft_args(stage1: Path, data, out: Path, *extra: str) -> list[str]:

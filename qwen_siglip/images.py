@@ -156,8 +156,9 @@ def check_file(path: Path, shown: str) -> Path:
     would block forever)."""
     try:
         mode = path.stat().st_mode  # follows symlinks: the target is what we would read
-    except ValueError:  # "embedded null byte"
-        raise ImageRefused("bad_path", f"{shown}: the path holds a NUL byte") from None
+    except ValueError:  # "embedded null byte", or a lone surrogate the file system cannot encode
+        detail = "the path holds a NUL byte" if "\0" in str(path) else "the path is not valid Unicode"
+        raise ImageRefused("bad_path", f"{shown}: {detail}") from None
     except OSError as e:
         if e.errno in (errno.ENOENT, errno.ENOTDIR):
             raise ImageRefused("missing_image", f"{shown} not found") from None

@@ -12,12 +12,18 @@ Notable:
 - `<image>` placeholders are split on the processor's own rule (`LLAVA_PLACEHOLDER_RE`): the newline right after
   `<image>` belongs to it, so a raw inference prompt and a training record tokenize alike.
 - A record with one image and no placeholder gets the image before its first user turn (LLaVA's convention).
+- Every field a format reads is type-checked (`_text`, `_image_ref`, `_answers`): a wrong type is a counted skip
+  (`malformed_record`) that names the field and what was expected, never a TypeError or KeyError from the load.
+  Text with an unpaired surrogate (a JSON `\\ud800` escape) is `invalid_unicode`: the tokenizer cannot encode it.
 """
 
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
+
+from PIL import Image
 
 from processing_qwen_siglip import LLAVA_PLACEHOLDER_RE
 from qwen_siglip.images import ImageRefused, shorten
@@ -28,6 +34,7 @@ CAPTION_PROMPTS = {
     "zh": ["描述这张图片。", "这张图片里有什么？", "请用一句话描述这张图片。"],
 }
 CJK = re.compile(r"[\u4e00-\u9fff]")
+SURROGATE = re.compile("[\ud800-\udfff]")  # valid in a Python str, not in UTF-8: tokenizers refuse it
 
 
 class BadRecord(ImageRefused):
@@ -61,44 +68,89 @@ def split_placeholders(text: str) -> list[dict]:
     return content
 
 
+def kind(value: Any) -> str:
+    """A value's type in the words of JSON, for messages: 'a number', 'an object', 'null'."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    names = {str: "text", int: "a number", float: "a number", list: "a list", tuple: "a list", dict: "an object"}
+    return next((name for t, name in names.items() if isinstance(value, t)), f"a {type(value).__name__}")
+
+
+def _text(value: Any, field: str, what: str = "text") -> str:
+    """`value` if it is text the tokenizer can encode; otherwise BadRecord naming the field."""
+    if not isinstance(value, str):
+        raise BadRecord("malformed_record", field, f"expected {what}, got {kind(value)}")
+    if SURROGATE.search(value):  # e.g. a JSON "\\ud800" escape: a str in Python, but no UTF-8 encodes it
+        raise BadRecord("invalid_unicode", field, "text holds an unpaired surrogate (not valid Unicode)")
+    return value
+
+
 def _typed_item(item: Any, field: str) -> dict:
-    kind = item.get("type") if isinstance(item, dict) else None
-    if kind == "image":  # arrow gives image items a "text": None column too: drop it
+    item_type = item.get("type") if isinstance(item, dict) else None
+    if item_type == "image":  # arrow gives image items a "text": None column too: drop it
         return {"type": "image"}
-    if kind == "text" and isinstance(item.get("text"), str):
-        return {"type": "text", "text": item["text"]}
-    raise BadRecord("malformed_record", field, f"bad content item {str(item)[:60]}")
+    if item_type == "text":
+        return {"type": "text", "text": _text(item.get("text"), f"{field}.text")}
+    if isinstance(item, dict):
+        got = f"an item of type {shorten(item_type) if isinstance(item_type, str) else kind(item_type)}"
+    else:
+        got = kind(item)
+    raise BadRecord("malformed_record", field, f"expected an item of type 'text' or 'image', got {got}")
 
 
 def _turn(turn: Any, field: str) -> dict:
     if not isinstance(turn, dict):
-        raise BadRecord("malformed_record", field, "a turn must be an object")
-    role = turn.get("role") or turn.get("from")  # role/content or LLaVA's from/value
-    text = turn.get("content") if "content" in turn else turn.get("value")
-    role = ROLES.get(role.lower()) if isinstance(role, str) else None
+        raise BadRecord("malformed_record", field, f"expected a turn (an object), got {kind(turn)}")
+    given = turn.get("role") or turn.get("from")  # role/content or LLaVA's from/value
+    role = ROLES.get(given.lower()) if isinstance(given, str) else None
     if role is None:
-        raise BadRecord("unknown_role", field, f"unknown role {turn.get('role') or turn.get('from')!r}")
-    if isinstance(text, str):
-        return {"role": role, "content": split_placeholders(text)}
+        shown = shorten(given) if isinstance(given, str) else kind(given)
+        raise BadRecord("unknown_role", field, f"unknown role {shown}")
+    key = "content" if "content" in turn else "value"
+    text = turn.get(key)
     if isinstance(text, list):
-        return {"role": role, "content": [_typed_item(item, field) for item in text]}
-    raise BadRecord("malformed_record", field, f"content is {type(text).__name__}, not text")
+        return {"role": role, "content": [_typed_item(item, f"{field}.{key}[{k}]") for k, item in enumerate(text)]}
+    return {"role": role, "content": split_placeholders(_text(text, f"{field}.{key}", "text or a list of items"))}
 
 
-def _image_refs(value: Any) -> list:
+def _image_ref(value: Any, field: str) -> Any:
+    """One image reference, type-checked: a path, bytes, HF's {"bytes", "path"} or a PIL image."""
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+        if data is not None and not isinstance(data, (bytes, bytearray, memoryview)):
+            raise BadRecord("malformed_record", f"{field}.bytes", f"expected binary data, got {kind(data)}")
+        if path is not None and not isinstance(path, str):
+            raise BadRecord("malformed_record", f"{field}.path", f"expected a path (text), got {kind(path)}")
+        if not data and not path:
+            raise BadRecord("malformed_record", field, "an image object with neither bytes nor a path")
+        return value
+    if isinstance(value, (str, bytes, bytearray, memoryview, Image.Image)):
+        return value
+    expected = "a path, bytes or {'bytes', 'path'}"
+    raise BadRecord("malformed_record", field, f"expected an image ({expected}), got {kind(value)}")
+
+
+def _image_refs(value: Any, field: str) -> tuple[list, list[str]]:
+    """A record's image field -> (references, the field each came from: `images[1]`, or `image` if only one)."""
     if value is None or value == "":
-        return []
+        return [], []
     if isinstance(value, str):  # minimind-v: "a.jpg, b.jpg". Pitfall: a file name holding a comma is split too
-        return [p.strip() for p in value.split(",") if p.strip()]
-    if isinstance(value, (list, tuple)):
-        return [ref for v in value for ref in _image_refs(v)]
-    return [value]  # {"bytes", "path"} dict, raw bytes or a PIL image
+        refs = [p.strip() for p in value.split(",") if p.strip()]
+        return refs, [f"{field}[{k}]" if len(refs) > 1 else field for k in range(len(refs))]
+    if isinstance(value, (list, tuple)):  # each item one reference; null or empty items are left out
+        kept = [(v, f"{field}[{k}]") for k, v in enumerate(value) if v is not None and v != ""]
+        return [_image_ref(v, f) for v, f in kept], [f for _, f in kept]
+    return [_image_ref(value, field)], [field]
 
 
 def _caption_turns(rec: dict, index: int) -> list[dict]:
     """Captions -> one user/assistant pair; caption and prompt picked from the record index (reproducible)."""
-    captions = rec["caption"] if isinstance(rec["caption"], list) else [rec["caption"]]
-    captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+    value = rec["caption"]
+    if isinstance(value, list):
+        captions = [_text(c, f"caption[{k}]") for k, c in enumerate(value)]
+    else:
+        captions = [_text(value, "caption", "text or a list of texts")]
+    captions = [c.strip() for c in captions if c.strip()]
     if not captions:
         raise BadRecord("empty_turn", "caption", "no non-empty caption")
     caption = captions[index % len(captions)]
@@ -110,16 +162,40 @@ def _caption_turns(rec: dict, index: int) -> list[dict]:
     ]
 
 
+def _answer(value: Any, field: str) -> str:
+    """One answer as text: text, or a number (some sets store counts as numbers)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return str(value)
+    return _text(value, field, "text or a number").strip()
+
+
+def _answers(rec: dict) -> list[str]:
+    """`answer` (one) or `answers` (a list, VQAv2's [{"answer": ...}], or HF's {"answer": [...]}) -> their texts."""
+    if rec.get("answer") is not None:
+        return [_answer(rec["answer"], "answer")]
+    values, field = rec.get("answers"), "answers"
+    if values is None:
+        raise BadRecord("no_assistant_turn", "answer", "no answer or answers: nothing to learn")
+    if isinstance(values, dict):  # a Hub list of structs arrives as a struct of lists: {"answer": [...]}
+        values, field = values.get("answer"), "answers.answer"
+    if not isinstance(values, (list, tuple)):
+        raise BadRecord("malformed_record", field, f"expected a list of answers, got {kind(values)}")
+    answers = []
+    for k, value in enumerate(values):
+        if isinstance(value, dict):  # VQAv2: [{"answer": ..., "answer_confidence": ...}]
+            value = value.get("answer")
+            answers.append(_answer(value, f"{field}[{k}].answer"))
+        else:
+            answers.append(_answer(value, f"{field}[{k}]"))
+    return answers
+
+
 def _vqa_turns(rec: dict) -> list[dict]:
     """Benchmark-style question/answer -> one user/assistant pair (several answers: the most common, as VQA scores)."""
-    answers = rec.get("answers") if rec.get("answer") is None else [rec["answer"]]
-    if isinstance(answers, dict):  # a Hub list of structs arrives as a struct of lists: {"answer": [...]}
-        answers = answers.get("answer")
-    answers = [a["answer"] if isinstance(a, dict) else a for a in answers or []]  # VQAv2: [{"answer": ...}]
-    answers = [str(a).strip() for a in answers if str(a).strip()]
-    question = rec["question"] if isinstance(rec["question"], str) else ""
-    if not answers or not question.strip():
-        raise BadRecord("empty_turn", "question" if answers else "answer", "empty question or answer")
+    question = _text(rec["question"], "question")
+    answers = [a for a in _answers(rec) if a]
+    if not question.strip() or not answers:
+        raise BadRecord("empty_turn", "answer" if question.strip() else "question", "empty question or answer")
     answer = Counter(answers).most_common(1)[0][0]
     user = split_placeholders(question)
     return [{"role": "user", "content": user}, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
@@ -134,13 +210,11 @@ def normalize(rec: Any, index: int) -> tuple[list[dict], list, list[str]]:
     # messages must name the record's own key: `images` in TRL's format, `image` in LLaVA's, `image_id` in captions
     default = "images" if "messages" in rec else "image"
     field = next((k for k in ("images", "image", "image_id") if rec.get(k) is not None), default)
-    refs = _image_refs(rec.get(field))
-    indexed = isinstance(rec.get(field), (list, tuple)) or len(refs) > 1  # `images[1]`; a comma string too
-    fields = [f"{field}[{k}]" if indexed else field for k in range(len(refs))]
+    refs, fields = _image_refs(rec.get(field), field)
     if "messages" in rec or "conversations" in rec:
         key = "messages" if "messages" in rec else "conversations"
         if not isinstance(rec[key], list):
-            raise BadRecord("malformed_record", key, "must be a list of turns")
+            raise BadRecord("malformed_record", key, f"expected a list of turns, got {kind(rec[key])}")
         messages = [_turn(turn, f"{key}[{j}]") for j, turn in enumerate(rec[key])]
     elif "caption" in rec:
         key, messages = "caption", _caption_turns(rec, index)

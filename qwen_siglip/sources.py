@@ -3,8 +3,8 @@
 Notable:
 - Local files are read whole, text only (images stay lazy), even with streaming; a Hub id goes through
   `datasets.load_dataset`, and a streamed one is read record by record without decoding images.
-- A file that is not JSON or not UTF-8 is an error naming the file and line; one bad .jsonl line is a `BadLine`,
-  a counted skip naming its line, not fatal to the file.
+- A file that is not JSON or not UTF-8 (or nested past Python's recursion limit) is an error naming the file and
+  line; one bad .jsonl line is a `BadLine`, a counted skip naming its line, not fatal to the file.
 - A `datasets.Dataset` is read as plain rows (`RawRows`): through its Image feature every access would decode.
 - Each source carries its image root: `--image_root`, else the data file's folder.
 """
@@ -20,6 +20,7 @@ import datasets
 from qwen_siglip.records import BadLine
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
+NESTED = "nested too deeply to read (brackets inside brackets past Python's recursion limit)"
 
 
 class RawRows:
@@ -48,6 +49,8 @@ def _json_line(text: str, line: int) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         return BadLine(line, f"{e.msg} at column {e.colno}")
+    except RecursionError:  # Python's parser recurses per bracket: `[[[[...` past ~1000 levels is no JSON error
+        return BadLine(line, NESTED)
 
 
 def _utf8(raw: bytes, path: Path, first_line: int = 1) -> str:
@@ -73,6 +76,8 @@ def read_file(path: Path) -> list | RawRows:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"data file {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise ValueError(f"data file {path}: {NESTED}") from None
     return data if isinstance(data, list) else [data]
 
 

@@ -12,14 +12,20 @@ Notable:
   message names the file, the record index, the record's own field (`images[1]`, `image`, `image_id`) and the reason.
 - Image paths are confined to the image root (symlinks resolved) and stat-ed, never opened, before use.
 - Images are decoded lazily, per example. A decode that still fails (a truncated file whose header is whole) makes
-  `ds[i]` None, counted in `late_skipped`; in training (`to_hf()`) the next good example stands in, so batches are
-  never empty and a non-strict run never dies on data. Strict raises at that record. With DataLoader workers these
-  late failures are counted in each worker's copy, not in the main process's `late_skipped`.
+  `ds[i]` None, counted once in `late_skipped` however often the record is met, and remembered: it is never decoded
+  again. In training (`to_hf()`) a good example drawn at random (seeded by the index: the same after a resume)
+  stands in, so batches are never empty, a non-strict run never dies on data, and the stand-ins are spread over
+  the good records. Strict raises at that record. With DataLoader workers these late failures are counted and
+  remembered in each worker's copy, not in the main process's.
+- `require_usable` refuses a dataset with no usable record (all skipped, an empty file, a stream that yields
+  nothing) with one message: how many were skipped, why, and the first offenders. Training calls it before the
+  trainer is built (TRL would otherwise die on `next(iter(...))` with a bare StopIteration).
 - Pitfall: TRL 1.16's SFTTrainer rejects anything that is not a `datasets` object, so pass `ds.to_hf()` to it.
 """
 
 import logging
 import os
+import random
 from array import array
 from collections import Counter
 from collections.abc import Iterator
@@ -37,7 +43,11 @@ from qwen_siglip.sources import Source, find_sources
 
 log = logging.getLogger(__name__)
 
-REPLACE_TRIES = 16  # training replaces an undecodable example by the next of up to this many
+REPLACE_TRIES = 16  # training draws up to this many stand-ins for an undecodable example
+
+
+class NoUsableRecords(ValueError):
+    """A data source of which no record can be used: nothing to train or evaluate on."""
 
 
 # ----------------------------------------------------------------------------- a record's images, under its root
@@ -118,7 +128,9 @@ class _Records:
         self.sources = find_sources(*self.recipe)
         self.strict, self.limit, self.max_pixels = strict, limit, max_pixels
         self.skipped: Counter[str] = Counter()  # reason -> number of records skipped at load time
-        self.late_skipped: Counter[str] = Counter()  # the same, for images that failed to decode later, per example
+        self.late_skipped: Counter[str] = Counter()  # the same, for records whose images failed to decode later
+        self.failed: dict[tuple[int, int], str] = {}  # (source, record) -> reason: failed to decode, never retried
+        self.replaced = 0  # times a good example stood in for a failed one (training)
         self.offenders: list[str] = []  # the first few, as "file record i: field ...: detail"
 
     def __getstate__(self) -> dict:
@@ -153,15 +165,20 @@ class _Records:
         except BadRecord as err:
             self._bad(source, index, err)
 
-    def _example(self, source: Source, index: int, messages: list, refs: list, fields: list) -> dict | None:
-        """Decode the images (None, counted in `late_skipped`, if one fails: a whole header over cut pixel data)."""
+    def _example(self, s: int, index: int, messages: list, refs: list, fields: list) -> dict | None:
+        """Decode the images of record `index` of source `s`. None if one fails (a whole header over cut pixel data):
+        the record is counted in `late_skipped` and remembered in `failed`, so it is never decoded again."""
+        source = self.sources[s]
         try:
             images = [_decode(ref, source.root, field, self.max_pixels) for ref, field in zip(refs, fields)]
         except BadRecord as err:
             msg = f"{source.name} record {index}: {err} [{err.reason}]"
             if self.strict:
                 raise ValueError(msg) from None
+            self.failed[(s, index)] = err.reason
             self.late_skipped[err.reason] += 1
+            if len(self.offenders) < 5:
+                self.offenders.append(msg)
             total = sum(self.late_skipped.values())
             if total <= 5 or total % 100 == 0:  # say it early, then now and then: never once per image forever
                 log.warning("VLM data: skipped while training (%d so far): %s", total, msg)
@@ -172,6 +189,22 @@ class _Records:
         skipped = ", ".join(f"{reason}={n}" for reason, n in self.skipped.most_common()) or "none"
         kept = f"kept {len(self)}, " if hasattr(self, "__len__") else ""
         return f"{kept}skipped {sum(self.skipped.values())} ({skipped})"
+
+    def late_summary(self) -> str:
+        """Records whose images failed to decode after the load, each counted once however often it was drawn, and
+        how many good examples stood in for them."""
+        n = sum(self.late_skipped.values())
+        return f"{dict(self.late_skipped)} (distinct records: {n}; stand-ins: {self.replaced})"
+
+    def no_usable_message(self) -> str:
+        """Why nothing is usable: counts by reason and the first offenders, or that there were no records at all."""
+        name = self.recipe[0] + (" (streamed)" if self.streaming else "")
+        total = sum(self.skipped.values()) + sum(self.late_skipped.values())
+        if not total:
+            return f"no usable records in {name}: it holds no records"
+        reasons = ", ".join(f"{r}={n}" for r, n in (self.skipped + self.late_skipped).most_common())
+        first = "\n  ".join(self.offenders)
+        return f"no usable records in {name}: {total} skipped ({reasons}); first offenders:\n  {first}"
 
     def _report(self) -> None:
         if self.skipped:  # ONE warning for the whole load, not one per record
@@ -197,8 +230,10 @@ class VLMDataset(_Records, torch.utils.data.Dataset):
         return len(self._row)
 
     def __getitem__(self, idx: int) -> dict | None:
-        source, i = self.sources[self._source[idx]], self._row[idx]
-        return self._example(source, i, *normalize(source.records[i], i))
+        s, i = self._source[idx], self._row[idx]
+        if (s, i) in self.failed:  # failed to decode before: not tried again, not counted again
+            return None
+        return self._example(s, i, *normalize(self.sources[s].records[i], i))
 
     def messages(self, idx: int) -> list[dict]:
         """The chat messages of item `idx`, without opening its images (what packing needs for lengths)."""
@@ -207,7 +242,7 @@ class VLMDataset(_Records, torch.utils.data.Dataset):
 
     def to_hf(self) -> datasets.Dataset:
         """The same examples as a `datasets.Dataset`, for SFTTrainer. An example whose images fail to decode is
-        replaced by the next one that works (counted in `late_skipped`), so a batch is never left empty."""
+        replaced by a good one drawn at random (`replaced_if_bad`), so a batch is never left empty."""
         return datasets.Dataset.from_dict({"index": list(range(len(self)))}).with_transform(self._hf_batch)
 
     def _hf_batch(self, batch: dict) -> dict:
@@ -215,16 +250,22 @@ class VLMDataset(_Records, torch.utils.data.Dataset):
         return {key: [ex and ex[key] for ex in examples] for key in ("messages", "images")}
 
     def replaced_if_bad(self, idx: int, tries: int = REPLACE_TRIES) -> dict | None:
-        """Example `idx` or, if it fails to decode, the next good one (deterministic: idx+1, idx+2, ... wrapping).
+        """Example `idx` or, if it fails to decode, a good one drawn at random in its place (counted in `replaced`).
 
-        None (all-None fields in to_hf(), counted by the collator) only after `tries` failures in a row.
+        The draws are seeded by `idx`: the same stand-in after a resume or on any rank, and different failed records
+        draw different stand-ins, so no one good example weighs more. A record known to fail is not decoded again;
+        every draw counts against `tries`, so what is drawn does not depend on what was already known to fail.
+        None (all-None fields in to_hf(), counted by the collator) only if `tries` draws all fail.
         Pitfall: evaluation must not use this: it would score one example twice. It indexes `ds[i]` instead.
         """
-        for k in range(min(tries, len(self))):
-            example = self[(idx + k) % len(self)]
+        example = self[idx]
+        draws = random.Random(idx)
+        for _ in range(min(tries, len(self) - 1) if example is None else 0):
+            example = self[draws.randrange(len(self))]
             if example is not None:
-                return example
-        return None
+                self.replaced += 1
+                break
+        return example
 
 
 class IterableVLMDataset(_Records, torch.utils.data.IterableDataset):
@@ -233,7 +274,7 @@ class IterableVLMDataset(_Records, torch.utils.data.IterableDataset):
     streaming = True
 
     def __iter__(self) -> Iterator[dict]:
-        self.skipped.clear()
+        self.skipped.clear()  # per pass; `failed` is kept: a record that failed to decode is not decoded again
         self.late_skipped.clear()
         self.offenders.clear()
         worker = torch.utils.data.get_worker_info()
@@ -243,8 +284,11 @@ class IterableVLMDataset(_Records, torch.utils.data.IterableDataset):
                 continue  # each DataLoader worker takes its share, or every worker would yield everything
             if self.limit is not None and n_kept >= self.limit:  # pitfall: the limit is per worker
                 break
+            if (s, i) in self.failed:  # failed to decode in an earlier pass: counted in this one, not decoded
+                self.late_skipped[self.failed[(s, i)]] += 1
+                continue
             checked = self._check(self.sources[s], i, rec)
-            example = checked and self._example(self.sources[s], i, *checked)
+            example = checked and self._example(s, i, *checked)
             if example is not None:
                 n_kept += 1
                 yield example
@@ -253,6 +297,18 @@ class IterableVLMDataset(_Records, torch.utils.data.IterableDataset):
     def to_hf(self) -> datasets.IterableDataset:
         """The same stream as a `datasets.IterableDataset`, for SFTTrainer (which then needs max_steps)."""
         return datasets.IterableDataset.from_generator(self.__iter__)
+
+
+def require_usable(dataset: VLMDataset | IterableVLMDataset) -> None:
+    """Raise NoUsableRecords if `dataset` has no usable example: all skipped, an empty file, an empty stream.
+
+    A stream is read up to its first good example (decoded) to know; the counts of that read are in the message.
+    Call it before a trainer is built: TRL's SFTTrainer reads the first example and dies on an empty dataset with a
+    bare StopIteration.
+    """
+    empty = len(dataset) == 0 if isinstance(dataset, VLMDataset) else next(iter(dataset), None) is None
+    if empty:
+        raise NoUsableRecords(dataset.no_usable_message())
 
 
 def load_vlm_dataset(

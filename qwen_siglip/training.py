@@ -33,7 +33,7 @@ from qwen_siglip import packing
 from qwen_siglip.card import plot_loss
 from qwen_siglip.checkpoints import resolve_resume
 from qwen_siglip.compose import compose
-from qwen_siglip.data import load_vlm_dataset
+from qwen_siglip.data import load_vlm_dataset, require_usable
 from qwen_siglip.hub import push_folder
 from qwen_siglip.images import MAX_PIXELS
 from qwen_siglip.trainer import ProgressLog, QwenSiglipTrainer
@@ -220,12 +220,16 @@ def check_args(script_args, training_args, taken: dict) -> None:
 
 
 def load_datasets(script_args, split: str | None = None):
-    """(train, eval or None) through the data module, with the run's image root, pixel cap and strictness."""
+    """(train, eval or None) through the data module, with the run's image root, pixel cap and strictness.
+    A set with no usable record is refused here, before any trainer is built (`require_usable`)."""
     load = dict(image_root=script_args.image_root, streaming=script_args.dataset_streaming,
                 strict=script_args.strict, max_pixels=script_args.max_pixels)  # fmt: skip
     split = split or script_args.dataset_train_split
     train = load_vlm_dataset(script_args.dataset_name, split=split, limit=script_args.max_samples, **load)
     evals = load_vlm_dataset(script_args.eval_dataset_name, **load) if script_args.eval_dataset_name else None
+    for dataset in (train, evals):
+        if dataset is not None:  # pitfall: not `if dataset`: an empty map-style dataset is falsy
+            require_usable(dataset)
     return train, evals
 
 
@@ -279,7 +283,7 @@ def report_skips(train, collator, workers: int) -> None:
     """One line with every skip of the run: at load, at decode, at collate."""
     # Pitfall: with dataloader_num_workers > 0, decode and collate run in worker processes and count there.
     where = " (this process only: workers count their own)" if workers else ""
-    logger.info(f"data: skipped at load {dict(train.skipped)}, at decode {dict(train.late_skipped)}, "
+    logger.info(f"data: skipped at load {dict(train.skipped)}, at decode {train.late_summary()}, "
                 f"at collate {dict(collator.skipped)}{where}")  # fmt: skip
 
 

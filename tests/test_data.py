@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageFile
 
 from qwen_siglip import images
-from qwen_siglip.data import load_vlm_dataset
+from qwen_siglip.data import NoUsableRecords, load_vlm_dataset, require_usable
 from qwen_siglip.records import CAPTION_PROMPTS, split_placeholders
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -387,17 +387,18 @@ def truncated_jpeg(path: Path) -> Path:
     return path
 
 
-def test_truncated_image_is_replaced_by_the_next_good_one_counted_or_raises_in_strict(tmp_path):
+def test_truncated_image_is_replaced_by_a_good_one_counted_once_or_raises_in_strict(tmp_path):
     make_image(tmp_path / "good.png", RED)
     truncated_jpeg(tmp_path / "trunc.jpg")
     path = str(write_json(tmp_path / "d.json", [llava(image="good.png"), llava(image="trunc.jpg")]))
     ds = load_vlm_dataset(path)
     assert len(ds) == 2 and ds.skipped == Counter()  # the header was fine at load time
     assert ds[1] is None and ds.late_skipped == Counter(undecodable_image=1)  # evaluation sees the hole
-    hf = ds.to_hf()  # training: the next good example stands in (wrapping around), so no batch is ever empty
+    hf = ds.to_hf()  # training: a good example stands in, so no batch is ever empty
     stand_in = hf[1]
     assert colors(stand_in) == [RED] and stand_in["messages"] == ds[0]["messages"]
-    assert ds.late_skipped == Counter(undecodable_image=2)  # counted each time it is met (once per epoch)
+    assert hf[1]["messages"] == stand_in["messages"] and ds[1] is None
+    assert ds.late_skipped == Counter(undecodable_image=1) and ds.replaced == 2  # one record, however often met
     msg = r"d\.json record 1: field 'image': file 'trunc\.jpg': cannot decode its pixels .*\[undecodable_image\]"
     with pytest.raises(ValueError, match=msg):
         load_vlm_dataset(path, strict=True)[1]
@@ -720,15 +721,17 @@ def test_truncated_jpeg_run_with_batch_1_finishes_and_reports_the_skip(tiny_base
 
     make_image(tmp_path / "good.png", RED, size=(32, 32))
     truncated_jpeg(tmp_path / "cut.jpg")
-    records = [llava(image="good.png"), llava(image="cut.jpg"), llava(image="good.png", gpt="Red.")]
+    records = [llava(image="good.png"), *[llava(image="cut.jpg")] * 3, llava(image="good.png", gpt="Red.")]
     path = str(write_json(tmp_path / "d.json", records))
     vision, text = map(str, tiny_bases)
-    argv = ["--vision_model", vision, "--text_model", text, "--dataset_name", path, *CPU_RUN, "--max_steps", "3"]
+    argv = ["--vision_model", vision, "--text_model", text, "--dataset_name", path, *CPU_RUN, "--max_steps", "5"]
     argv += ["--per_device_train_batch_size", "1", "--global_batch_size", "1", "--max_pixels", "4096"]
     with caplog.at_level(logging.INFO):
         training.main("pretrain", argv + ["--seed", "1", "--output_dir", str(tmp_path / "out")])
     totals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: skipped at load")]
-    assert totals == ["data: skipped at load {}, at decode {'undecodable_image': 1}, at collate {}"]
+    # three bad records of five, each met once in the epoch: three records, three stand-ins (not one per attempt)
+    decode = "{'undecodable_image': 3} (distinct records: 3; stand-ins: 3)"
+    assert totals == [f"data: skipped at load {{}}, at decode {decode}, at collate {{}}"]
     msg = r"d\.json record 1: field 'image': file 'cut\.jpg': cannot decode its pixels .*\[undecodable_image\]"
     with pytest.raises(ValueError, match=msg):
         training.main("pretrain", argv + ["--strict", "true", "--output_dir", str(tmp_path / "s")])
@@ -739,3 +742,157 @@ def test_an_image_with_no_pixels_is_refused_as_empty_image(size):
     with pytest.raises(images.ImageRefused, match=f"is {size[0]}x{size[1]}: it has no pixels") as e:
         images.load_rgb(Image.new("RGB", size))
     assert e.value.reason == "empty_image"
+
+
+def test_a_record_that_failed_to_decode_is_counted_once_never_retried_and_stand_ins_are_spread(tmp_path, monkeypatch):
+    """Four cut records among ten: each is decoded once and counted once, however often training draws it, and the
+    records standing in for them are drawn from different good ones (the same ones on every load)."""
+    for k in range(6):
+        make_image(tmp_path / f"{k}.png", (k * 40, 0, 0))
+    truncated_jpeg(tmp_path / "cut.jpg")
+    names = ["0.png", "cut.jpg", "cut.jpg", "cut.jpg", "cut.jpg", "1.png", "2.png", "3.png", "4.png", "5.png"]
+    path = str(write_json(tmp_path / "d.json", [llava(image=name) for name in names]))
+    decoded = Counter()
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded.update([im.filename]) or real_load(im))
+
+    def stand_ins(ds) -> list:
+        hf = ds.to_hf()
+        return [colors(hf[i])[0] for epoch in range(2) for i in range(1, 5)]  # the cut ones, two epochs
+
+    ds = load_vlm_dataset(path, max_pixels=4096)
+    drawn = stand_ins(ds)
+    assert ds.late_skipped == Counter(undecodable_image=4) and ds.replaced == 8
+    assert decoded[str(tmp_path / "cut.jpg")] == 4  # once per bad record, never again
+    assert len(set(drawn[:4])) >= 3  # spread over the good records, not the next good one each time
+    assert drawn[:4] == drawn[4:] and drawn == stand_ins(load_vlm_dataset(path, max_pixels=4096))  # reproducible
+    assert [ds[i] is None for i in range(1, 5)] == [True] * 4 and ds.late_skipped == Counter(undecodable_image=4)
+
+
+def test_a_streamed_record_that_failed_to_decode_is_counted_each_pass_but_decoded_once(tmp_path, monkeypatch):
+    make_image(tmp_path / "good.png")
+    truncated_jpeg(tmp_path / "cut.jpg")
+    path = write_jsonl(tmp_path / "d.jsonl", [llava(image="good.png"), llava(image="cut.jpg")])
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(
+        ImageFile.ImageFile, "load", lambda im: decoded.append(Path(im.filename).name) or real_load(im)
+    )
+    ds = load_vlm_dataset(str(path), streaming=True, max_pixels=4096)
+    for _ in range(2):
+        assert len(list(ds)) == 1 and ds.late_skipped == Counter(undecodable_image=1)  # counted in each pass
+    assert decoded.count("cut.jpg") == 1
+
+
+# ----------------------------------------------------------------------------- nothing usable
+
+
+def test_no_usable_records_is_one_error_with_counts_and_first_offenders(tmp_path):
+    (tmp_path / "zero.json").write_text(json.dumps([llava(image="/dev/zero"), llava(image="nope.png")]))
+    for streaming in (False, True):
+        ds = load_vlm_dataset(str(tmp_path / "zero.json"), streaming=streaming)
+        with pytest.raises(NoUsableRecords) as caught:
+            require_usable(ds)
+        message = str(caught.value)
+        assert message.startswith(f"no usable records in {tmp_path / 'zero.json'}")
+        assert "2 skipped (image_outside_root=1, missing_image=1); first offenders:" in message
+        assert "zero.json record 0: field 'image': file '/dev/zero' is outside the image root" in message
+    (tmp_path / "empty.json").write_text("[]")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    for name, streaming in [("empty.json", False), ("empty.jsonl", True)]:
+        with pytest.raises(NoUsableRecords, match=f"no usable records in .*{name}.*: it holds no records"):
+            require_usable(load_vlm_dataset(str(tmp_path / name), streaming=streaming))
+
+
+def test_a_stream_whose_images_all_fail_late_is_not_usable(tmp_path):
+    truncated_jpeg(tmp_path / "cut.jpg")
+    path = write_jsonl(tmp_path / "d.jsonl", [llava(image="cut.jpg")] * 2)
+    with pytest.raises(NoUsableRecords, match=r"2 skipped \(undecodable_image=2\); first offenders:\n  d\.jsonl rec"):
+        require_usable(load_vlm_dataset(str(path), streaming=True, max_pixels=4096))
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_training_refuses_data_with_no_usable_record_before_the_trainer_is_built(
+    stage, tiny_bases, tiny_checkpoint, tmp_path, monkeypatch
+):
+    """Before: TRL's SFTTrainer died on next(iter(train_dataset)) with a bare StopIteration."""
+    from conftest import CPU_RUN
+
+    from qwen_siglip import trainer, training
+
+    monkeypatch.setattr(trainer.QwenSiglipTrainer, "__init__", lambda *a, **k: pytest.fail("trainer built"))
+    model = ["--model_name_or_path", str(tiny_checkpoint)] if stage == "sft" else []
+    model = model or ["--vision_model", str(tiny_bases[0]), "--text_model", str(tiny_bases[1])]
+    empty, zero = tmp_path / "empty.jsonl", tmp_path / "zero.json"
+    empty.write_text("")
+    zero.write_text(json.dumps([llava(image="/dev/zero")]))
+    make_image(tmp_path / "img/a.png")
+    good = write_json(tmp_path / "good.json", [llava()])
+    cases = [
+        (["--dataset_name", zero], "no usable records in .*zero.json: 1 skipped \\(image_outside_root=1\\)"),
+        (["--dataset_name", empty, "--dataset_streaming", "true"], "empty.jsonl \\(streamed\\): it holds no records"),
+        (["--dataset_name", good, "--eval_dataset_name", empty], "empty.jsonl: it holds no records"),
+    ]
+    argv = [*model, *CPU_RUN, "--max_steps", "1", "--output_dir", str(tmp_path / "out")]
+    for more, words in cases:
+        with pytest.raises(NoUsableRecords, match=words):
+            training.main(stage, argv + list(map(str, more)))
+
+
+# ----------------------------------------------------------------------------- every field type-checked
+
+
+@pytest.mark.parametrize(
+    "record, reason, field",
+    [
+        ({"image": "a.png", "question": "Q?", "answers": True}, "malformed_record", "answers"),
+        ({"image": "a.png", "question": "Q?", "answers": -1}, "malformed_record", "answers"),
+        ({"image": "a.png", "question": "Q?", "answer": {}}, "malformed_record", "answer"),
+        ({"image": "a.png", "question": "Q?"}, "no_assistant_turn", "answer"),
+        ({"image": "a.png", "question": "Q?", "answers": ["yes", None]}, "malformed_record", "answers[1]"),
+        ({"image": "a.png", "question": "Q?", "answers": [{"answer": []}]}, "malformed_record", "answers[0].answer"),
+        ({"image": "a.png", "question": "Q?", "answers": {"answer": 5}}, "malformed_record", "answers.answer"),
+        ({"image": "a.png", "question": 7, "answer": "yes"}, "malformed_record", "question"),
+        ({"image": "a.png", "question": "Q?", "answer": ["yes"]}, "malformed_record", "answer"),
+        ({"image_id": "a.png", "caption": 5}, "malformed_record", "caption"),
+        ({"image_id": "a.png", "caption": ["ok", {"text": "x"}]}, "malformed_record", "caption[1]"),
+        ({"image_id": 12, "caption": "ok"}, "malformed_record", "image_id"),
+        ({"image": ["a.png", 3], "conversations": [{"from": "human", "value": "<image><image>"},
+                                                   {"from": "gpt", "value": "x"}]}, "malformed_record", "image[1]"),
+        ({"image": {"bytes": "a.png"}, "question": "Q?", "answer": "y"}, "malformed_record", "image.bytes"),
+        ({"image": {"path": ["a.png"]}, "question": "Q?", "answer": "y"}, "malformed_record", "image.path"),
+        ({"image": {"path": None, "bytes": None}, "question": "Q?", "answer": "y"}, "malformed_record", "image"),
+        ({"image": [["a.png"]], "question": "Q?", "answer": "y"}, "malformed_record", "image[0]"),
+        ({"conversations": {"from": "human"}}, "malformed_record", "conversations"),
+        ({"conversations": ["hi", {"from": "gpt", "value": "x"}]}, "malformed_record", "conversations[0]"),
+        ({"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}]}, "malformed_record",
+         "conversations[0].value"),
+        ({"conversations": [{"from": ["human"], "value": "hi"}]}, "unknown_role", "conversations[0]"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}, assistant("x")]},
+         "malformed_record", "messages[0].content[0].text"),
+        ({"messages": [{"role": "user", "content": [{"type": 5}]}, assistant("x")]}, "malformed_record",
+         "messages[0].content[0]"),
+        ({"messages": [{"role": "user", "content": "hi \ud800"}, assistant("x")]}, "invalid_unicode",
+         "messages[0].content"),
+        ({"image_id": "a.png", "caption": "caf\udce9"}, "invalid_unicode", "caption"),
+    ],
+)  # fmt: skip
+def test_a_field_of_the_wrong_type_is_a_counted_skip_naming_the_field(tmp_path, caplog, record, reason, field):
+    """Before: `answers: true` raised TypeError and a missing answer KeyError, from the load itself."""
+    make_image(tmp_path / "a.png")
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(record) + "\n" + json.dumps(llava(image="a.png")) + "\n")  # one good record too
+    with caplog.at_level(logging.WARNING, logger="qwen_siglip.data"):
+        ds = load_vlm_dataset(str(path))
+    assert len(ds) == 1 and ds.skipped == Counter({reason: 1})
+    assert f"d.jsonl record 0: field '{field}': " in caplog.text
+    with pytest.raises(ValueError, match=re.escape(f"d.jsonl record 0: field '{field}': ") + f".*\\[{reason}\\]"):
+        load_vlm_dataset(str(path), strict=True)
+
+
+def test_answers_may_be_numbers_and_the_majority_wins(tmp_path):
+    make_image(tmp_path / "a.png")
+    records = [{"image": "a.png", "question": "How many?", "answers": [2, "2", {"answer": 3}]},
+               {"image": "a.png", "question": "How many?", "answer": 4}]  # fmt: skip
+    ds = load_vlm_dataset(str(write_jsonl(tmp_path / "d.jsonl", records)))
+    assert [ds[i]["messages"][1] for i in range(2)] == [assistant("2"), assistant("4")]

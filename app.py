@@ -208,4 +208,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from qwen_siglip.cli import run
+
+    run(main)

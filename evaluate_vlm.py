@@ -76,12 +76,15 @@ def report(summary: dict, scorers: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from qwen_siglip.data import load_vlm_dataset
+    from qwen_siglip.data import load_vlm_dataset, require_usable
 
     model, processor = load_model(args.model, trust_remote_code=args.trust_remote_code, revision=args.revision)
     dataset = load_vlm_dataset(args.dataset, args.image_root, split=args.split, limit=args.limit)
+    require_usable(dataset)  # nothing to score is an error, not "exact match 0.0% | 0 examples"
     examples = [dataset[i] for i in range(len(dataset))]
     result = evaluate(model, processor, examples, args.batch_size, args.max_new_tokens, args.scorers)
+    if not result["summary"]["examples"]:  # before any file or card is written
+        raise ValueError(f"no example of {args.dataset} could be evaluated: skipped {result['summary']['skipped']}")
     write_results(result, Path(args.output_dir or Path(args.model) / "eval"))
     print(report(result["summary"], args.scorers))
     if args.write_card:
@@ -97,4 +100,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from qwen_siglip.cli import run
+
+    run(main)

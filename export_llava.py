@@ -22,4 +22,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from qwen_siglip.cli import run
+
+    run(main)

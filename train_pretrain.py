@@ -13,7 +13,8 @@ or, spelled out:
         --output_dir outputs/qwen-siglip-pretrain
 """
 
+from qwen_siglip.cli import run
 from qwen_siglip.training import main
 
 if __name__ == "__main__":
-    main("pretrain")
+    run(main, "pretrain")

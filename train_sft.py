@@ -14,7 +14,8 @@ or, spelled out:
         --output_dir outputs/qwen-siglip-sft
 """
 
+from qwen_siglip.cli import run
 from qwen_siglip.training import main
 
 if __name__ == "__main__":
-    main("sft")
+    run(main, "sft")

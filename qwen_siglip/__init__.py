@@ -21,4 +21,5 @@ package imports them, never the other way round. One job per module, from the bo
     llava        the conversion to transformers' LLaVA (`export_llava.py`)
     synthetic    the embedded default's coloured-shapes world (`quickstart.py`)
     tiny         tiny random bases saved like Hub checkpoints, for the quickstart and the tests
+    cli          how the commands end on an error: a user's mistake as its message alone, a bug with its traceback
 """

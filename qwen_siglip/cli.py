@@ -3,12 +3,12 @@
 Each top-level command ends with `if __name__ == "__main__": run(main)`, e.g.
 
     $ python train_sft.py --dataset_name data.json ...
-    train_sft.py: error: no usable records in data.json: 1 skipped (not_a_file=1); first offenders: ...
+    train_sft.py: error: no usable records in data.json: 1 skipped (missing_image=1); first offenders: ...
 
 User errors (the message alone on stderr, exit status 1), and why each counts as one:
 - `ValueError`: every check of ours raises it or a subclass (`ImageRefused`, `NoUsableRecords`), with a message
-  that names the file, record, field or flag and what was expected; transformers and TRL raise it for a bad
-  argument value (an unknown `--lr_scheduler_type`), and Python's JSON and UTF-8 decoders are ValueErrors too.
+  that names the file, record, field or flag and what was expected; transformers and TRL raise it for arguments
+  that cannot work together (bf16 on a machine without one), and Python's JSON and UTF-8 errors are ValueErrors.
 - `OSError`: a missing or unreadable file or folder, an export folder that is not empty, a full disk, and every
   refusal of the Hub: huggingface_hub's errors are OSErrors (no such repository, gated, no such revision, offline),
   and transformers turns a checkpoint it cannot find into an OSError that says so.

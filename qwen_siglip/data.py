@@ -103,6 +103,8 @@ class _Records:
     """What the map-style and streaming datasets share: checking records, decoding, counting the bad ones."""
 
     streaming = False
+    # A raw record -> (messages, image references, their fields); preferences.py reads other records through it.
+    normalize = staticmethod(normalize)
 
     def __init__(
         self,
@@ -146,7 +148,7 @@ class _Records:
     def _check(self, source: Source, index: int, rec: Any) -> tuple | None:
         """Load-time check, cheap: normalise and open each image's header. None if the record is bad."""
         try:
-            messages, refs, fields = normalize(rec, index)
+            messages, refs, fields = self.normalize(rec, index)
             for ref, field in zip(refs, fields):
                 _probe(ref, source.root, field, self.max_pixels)
             return messages, refs, fields
@@ -198,12 +200,12 @@ class VLMDataset(_Records, torch.utils.data.Dataset):
 
     def __getitem__(self, idx: int) -> dict | None:
         source, i = self.sources[self._source[idx]], self._row[idx]
-        return self._example(source, i, *normalize(source.records[i], i))
+        return self._example(source, i, *self.normalize(source.records[i], i))
 
     def messages(self, idx: int) -> list[dict]:
         """The chat messages of item `idx`, without opening its images (what packing needs for lengths)."""
         source, i = self.sources[self._source[idx]], self._row[idx]
-        return normalize(source.records[i], i)[0]
+        return self.normalize(source.records[i], i)[0]
 
     def to_hf(self) -> datasets.Dataset:
         """The same examples as a `datasets.Dataset`, for SFTTrainer. An example whose images fail to decode is

@@ -160,17 +160,18 @@ def test_chosen_and_rejected_of_a_pair_see_the_same_image_features(dpo_trainer):
     assert not torch.equal(features[0], features[1])  # two different images
 
 
-def test_the_reference_is_the_frozen_start_loaded_through_our_own_classes(tiny_checkpoint, toy, tmp_path):
-    trainer = stage3.build_trainer(
-        "dpo", stage_args("dpo", tiny_checkpoint, toy, tmp_path, "--learning_rate", "1e-2")
-    )[0]
+@pytest.mark.parametrize("stage", ["dpo", "grpo"])
+def test_the_reference_is_the_frozen_start_loaded_through_our_own_classes(stage, tiny_checkpoint, toy, tmp_path):
+    extra = ["--beta", "0.04"] if stage == "grpo" else []  # GRPO keeps a reference only with a KL term
+    argv = stage_args(stage, tiny_checkpoint, toy, tmp_path, "--learning_rate", "1e-2", *extra)
+    trainer = stage3.build_trainer(stage, argv)[0]
     reference = trainer.ref_model
     assert type(reference) is QwenSiglipForConditionalGeneration  # not a copy of the folder's remote code
     assert reference is not trainer.model and not any(p.requires_grad for p in reference.parameters())
     trainer.train()
     start = weights(tiny_checkpoint)
     after = dict(reference.named_parameters())
-    assert all(torch.equal(after[k], v) for k, v in start.items() if k in after)
+    assert start.keys() == after.keys() and all(torch.equal(after[k], v) for k, v in start.items())
     assert changed(start, {k: v.detach() for k, v in trainer.model.named_parameters()}, "model.language_model.")
 
 
@@ -394,13 +395,22 @@ for ours, llava in zip(sys.argv[2::2], sys.argv[3::2]):
 """
 
 
-def test_the_results_load_with_the_auto_classes_in_a_fresh_process_and_export_to_llava(tiny_checkpoint, toy, tmp_path):
+def test_the_scripts_train_and_their_results_load_with_the_auto_classes_and_export_to_llava(
+    tiny_checkpoint, toy, tmp_path
+):
+    """`python train_dpo.py ...` and `python train_grpo.py ...` as a user runs them; then, in a fresh isolated
+    process, each result loads with the Auto classes and its LLaVA export gives the same answers and logits."""
     from export_llava import main as export
 
-    folders = []
+    folders, env = [], {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     for stage in ("dpo", "grpo"):
-        out = stage3.main(stage, stage_args(stage, tiny_checkpoint, toy, tmp_path / stage, "--learning_rate", "1e-2"))
-        folders += [str(out), str(export(["--model", str(out), "--output", str(tmp_path / f"{stage}-llava")]))]
+        args = stage_args(stage, tiny_checkpoint, toy, tmp_path / stage, "--learning_rate", "1e-2")
+        run = subprocess.run([sys.executable, f"train_{stage}.py", *args], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=600)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert changed(weights(tiny_checkpoint), weights(tmp_path / stage), "model.language_model.")
+        folders += [str(tmp_path / stage), str(export(["--model", str(tmp_path / stage), "--output",
+                                                      str(tmp_path / f"{stage}-llava")]))]  # fmt: skip
     shape_image("red", size=32).save(tmp_path / "red.png")
     (tmp_path / "fresh.py").write_text(FRESH)
     # -I: isolated, so the repo is not importable; the folders' own code and transformers' LLaVA are all there is

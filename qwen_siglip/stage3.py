@@ -19,7 +19,7 @@ Notable:
   (one generation round per optimizer step) unless `--steps_per_generation`/`--generation_batch_size` say otherwise.
 """
 
-import logging
+import sys
 from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForImageTextToText
@@ -32,8 +32,6 @@ from qwen_siglip.preferences import load_pairs, prompt_loader
 from qwen_siglip.rewards import load_reward
 from qwen_siglip.trainer import ProgressLog, QwenSiglipDPOTrainer, QwenSiglipGRPOTrainer
 
-logger = logging.getLogger(__name__)
-
 
 def register_auto_classes() -> None:
     """Let transformers' Auto classes build our model from its config without remote code: TRL loads the DPO and
@@ -45,8 +43,6 @@ def register_auto_classes() -> None:
 def with_accumulation(argv: list[str] | None) -> list[str]:
     """GRPO: the command line with the gradient accumulation `--global_batch_size` asks for, spelled out, so that
     GRPOConfig derives its generation batch from it (one generation round per optimizer step, TRL's default)."""
-    import sys
-
     argv = sys.argv[1:] if argv is None else list(argv)
     script_args, training_args, _ = training.parse_args("grpo", argv)
     if not script_args.global_batch_size:

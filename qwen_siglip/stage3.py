@@ -55,8 +55,8 @@ def check_stage3(script_args, training_args, model_args) -> None:
     """Refuse what stage 3 cannot do, before anything loads."""
     if not model_args.model_name_or_path:
         raise ValueError("--model_name_or_path is required: stage 3 starts from a trained (stage-2) checkpoint")
-    if getattr(training_args, "truncation_mode", "keep_start") != "keep_start":
-        raise ValueError("--truncation_mode keep_end would cut the prompt, where the images are: use keep_start")
+    if script_args.group_by_length or getattr(training_args, "padding_free", False):
+        raise ValueError("--group_by_length and --padding_free are stage 1 and 2 batching; stage 3 pads its batches")
 
 
 def build_trainer(stage: str, argv: list[str] | None = None, callbacks: list | None = None) -> tuple:

@@ -470,3 +470,11 @@ def test_grpo_global_batch_sets_one_generation_round_per_optimizer_step(monkeypa
     explicit = [*common, "--global_batch_size", "16", "--steps_per_generation", "2"]
     _, args, _ = training.parse_args("grpo", stage3.with_accumulation(explicit))
     assert (args.gradient_accumulation_steps, args.steps_per_generation, args.generation_batch_size) == (4, 2, 8)
+
+
+@pytest.mark.parametrize("flag", ["--group_by_length", "--padding_free"])
+def test_stage_1_and_2_batching_is_refused_before_anything_loads(flag, tmp_path):
+    argv = ["--model_name_or_path", str(tmp_path / "never-loaded"), "--dataset_name", "x.jsonl", "--output_dir",
+            str(tmp_path), "--use_cpu", "true", "--bf16", "false", flag, "true"]  # fmt: skip
+    with pytest.raises(ValueError, match=flag.removeprefix("--")):
+        stage3.build_trainer("dpo", argv)

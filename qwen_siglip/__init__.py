@@ -12,8 +12,12 @@ package imports them, never the other way round. One job per module, from the bo
     hub          Hub ids, display names, the filtered upload
     card         the model card, the loss plot, evaluation results as model-index
     checkpoints  resume from the newest complete checkpoint
+    preferences  stage 3's data: preference pairs (TRL, RLAIF-V) and GRPO prompts with their reference answer
+    pair_collator  DPO batches: the prompt once, the completion exactly as SFT labels it
+    rewards      GRPO's reward functions: exact match, length/format, yours by module:function
     trainer      what each stage adds to its TRL trainer
-    training     the stage entry points' one implementation (`train_pretrain.py`, `train_sft.py`)
+    training     the stage machinery, and stages 1 and 2 (`train_pretrain.py`, `train_sft.py`)
+    stage3       DPO and GRPO on that machinery (`train_dpo.py`, `train_grpo.py`)
     inference    loading a checkpoint to answer with: remote-code policy, revision, context length
     metrics      exact match, BLEU-4, CIDEr-D
     evaluation   held-out scores beside a blind baseline (`evaluate_vlm.py`)

@@ -17,13 +17,25 @@ from pathlib import Path
 from qwen_siglip.hub import display_name, hub_ids
 
 SFT = "TRL's `SFTTrainer`, cross-entropy on the assistant's tokens only"
-HOW_TRAINED = {"pretrain": SFT, "sft": SFT}  # stage -> the sentence the card says about its objective
+HOW_TRAINED = {  # stage -> the sentence the card says about its objective
+    "pretrain": SFT,
+    "sft": SFT,
+    "dpo": "preference pairs with TRL's `DPOTrainer` (the starting checkpoint, frozen, is the reference model), "
+    "log-probabilities on the answer's tokens only",
+    "grpo": "TRL's `GRPOTrainer`: answers sampled from the model itself, scored by reward functions, and each "
+    "answer weighted by how it scored against the others to the same prompt",
+}
+# Curves the plot shows beside the loss: GRPO's mean reward, DPO's chosen-minus-rejected reward margin.
+REWARD_CURVES = {"reward": "mean reward", "rewards/margins": "reward margin (chosen - rejected)"}
+
+
+def _curve(log_history: list[dict], key: str) -> list[tuple]:
+    return [(h["step"], h[key]) for h in log_history if key in h]
 
 
 def plot_loss(log_history: list[dict], path: Path) -> Path | None:
-    """Training (and eval) loss against step, as a PNG; None if nothing was logged."""
-    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    """Training (and eval) loss against step, and stage 3's reward beside it, as a PNG; None if nothing was logged."""
+    train, evals = _curve(log_history, "loss"), _curve(log_history, "eval_loss")
     if not train:
         return None
     import matplotlib
@@ -31,13 +43,19 @@ def plot_loss(log_history: list[dict], path: Path) -> Path | None:
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    rewards = {label: curve for key, label in REWARD_CURVES.items() if (curve := _curve(log_history, key))}
+    fig, axes = plt.subplots(1, 1 + bool(rewards), figsize=(6 + 5 * bool(rewards), 3.5), squeeze=False)
+    ax = axes[0, 0]
     ax.plot(*zip(*train), label="train")
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval")
     ax.set(xlabel="step", ylabel="loss", title="Training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    for label, curve in rewards.items():
+        axes[0, 1].plot(*zip(*curve), label=label)
+        axes[0, 1].set(xlabel="step", ylabel="reward", title="Reward")
+    for a in axes[0]:
+        a.grid(alpha=0.3)
+        a.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -78,8 +96,28 @@ def settings_table(state, args, script_args, model_args, model, bases: list[str]
         "max length": getattr(args, "max_length", None),
         "final training loss": f"{losses[-1]:.4f}" if losses else "n/a",
         "image tokens per image": model.config.num_image_tokens,
+        **stage3_rows(state, args, script_args),
     }
-    return ["| setting | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows.items()]
+    return ["| setting | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows.items() if v is not None]
+
+
+def stage3_rows(state, args, script_args) -> dict:
+    """DPO's and GRPO's own settings and results, read from their TRL config and the logs (none for SFT)."""
+    if not hasattr(args, "beta"):
+        return {}
+    last = {k: v for h in state.log_history for k, v in h.items()}  # the last logged value of every key
+    rows = {"beta (KL to the reference)": f"{args.beta:g}"}
+    if hasattr(args, "num_generations"):  # GRPO
+        rows["rewards"] = ", ".join(getattr(script_args, "reward_funcs", []) or []) or None
+        rows["answers per prompt / max answer tokens"] = f"{args.num_generations} / {args.max_completion_length}"
+        rows["sampling temperature"] = f"{args.temperature:g}"
+        rows["final mean reward"] = f"{last['reward']:.4f}" if "reward" in last else None
+    else:  # DPO
+        rows["loss"] = ", ".join(args.loss_type)
+        margin = last.get("rewards/margins")
+        rows["final reward margin / accuracy"] = None if margin is None else (
+            f"{margin:.4f} / {last.get('rewards/accuracies', float('nan')):.2f}")  # fmt: skip
+    return rows
 
 
 def write_model_card(

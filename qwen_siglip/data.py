@@ -113,6 +113,8 @@ class _Records:
     """What the map-style and streaming datasets share: checking records, decoding, counting the bad ones."""
 
     streaming = False
+    # A raw record -> (messages, image references, their fields); preferences.py reads other records through it.
+    normalize = staticmethod(normalize)
 
     def __init__(
         self,
@@ -158,7 +160,7 @@ class _Records:
     def _check(self, source: Source, index: int, rec: Any) -> tuple | None:
         """Load-time check, cheap: normalise and open each image's header. None if the record is bad."""
         try:
-            messages, refs, fields = normalize(rec, index)
+            messages, refs, fields = self.normalize(rec, index)
             for ref, field in zip(refs, fields):
                 _probe(ref, source.root, field, self.max_pixels)
             return messages, refs, fields
@@ -233,12 +235,12 @@ class VLMDataset(_Records, torch.utils.data.Dataset):
         s, i = self._source[idx], self._row[idx]
         if (s, i) in self.failed:  # failed to decode before: not tried again, not counted again
             return None
-        return self._example(s, i, *normalize(self.sources[s].records[i], i))
+        return self._example(s, i, *self.normalize(self.sources[s].records[i], i))
 
     def messages(self, idx: int) -> list[dict]:
         """The chat messages of item `idx`, without opening its images (what packing needs for lengths)."""
         source, i = self.sources[self._source[idx]], self._row[idx]
-        return normalize(source.records[i], i)[0]
+        return self.normalize(source.records[i], i)[0]
 
     def to_hf(self) -> datasets.Dataset:
         """The same examples as a `datasets.Dataset`, for SFTTrainer. An example whose images fail to decode is

@@ -76,7 +76,7 @@ def kind(value: Any) -> str:
     return next((name for t, name in names.items() if isinstance(value, t)), f"a {type(value).__name__}")
 
 
-def _text(value: Any, field: str, what: str = "text") -> str:
+def checked_text(value: Any, field: str, what: str = "text") -> str:
     """`value` if it is text the tokenizer can encode; otherwise BadRecord naming the field."""
     if not isinstance(value, str):
         raise BadRecord("malformed_record", field, f"expected {what}, got {kind(value)}")
@@ -90,7 +90,7 @@ def _typed_item(item: Any, field: str) -> dict:
     if item_type == "image":  # arrow gives image items a "text": None column too: drop it
         return {"type": "image"}
     if item_type == "text":
-        return {"type": "text", "text": _text(item.get("text"), f"{field}.text")}
+        return {"type": "text", "text": checked_text(item.get("text"), f"{field}.text")}
     if isinstance(item, dict):
         got = f"an item of type {shorten(item_type) if isinstance(item_type, str) else kind(item_type)}"
     else:
@@ -98,7 +98,7 @@ def _typed_item(item: Any, field: str) -> dict:
     raise BadRecord("malformed_record", field, f"expected an item of type 'text' or 'image', got {got}")
 
 
-def _turn(turn: Any, field: str) -> dict:
+def parse_turn(turn: Any, field: str) -> dict:
     if not isinstance(turn, dict):
         raise BadRecord("malformed_record", field, f"expected a turn (an object), got {kind(turn)}")
     given = turn.get("role") or turn.get("from")  # role/content or LLaVA's from/value
@@ -110,7 +110,8 @@ def _turn(turn: Any, field: str) -> dict:
     text = turn.get(key)
     if isinstance(text, list):
         return {"role": role, "content": [_typed_item(item, f"{field}.{key}[{k}]") for k, item in enumerate(text)]}
-    return {"role": role, "content": split_placeholders(_text(text, f"{field}.{key}", "text or a list of items"))}
+    text = checked_text(text, f"{field}.{key}", "text or a list of items")
+    return {"role": role, "content": split_placeholders(text)}
 
 
 def _image_ref(value: Any, field: str) -> Any:
@@ -130,7 +131,7 @@ def _image_ref(value: Any, field: str) -> Any:
     raise BadRecord("malformed_record", field, f"expected an image ({expected}), got {kind(value)}")
 
 
-def _image_refs(value: Any, field: str) -> tuple[list, list[str]]:
+def image_refs(value: Any, field: str) -> tuple[list, list[str]]:
     """A record's image field -> (references, the field each came from: `images[1]`, or `image` if only one)."""
     if value is None or value == "":
         return [], []
@@ -147,9 +148,9 @@ def _caption_turns(rec: dict, index: int) -> list[dict]:
     """Captions -> one user/assistant pair; caption and prompt picked from the record index (reproducible)."""
     value = rec["caption"]
     if isinstance(value, list):
-        captions = [_text(c, f"caption[{k}]") for k, c in enumerate(value)]
+        captions = [checked_text(c, f"caption[{k}]") for k, c in enumerate(value)]
     else:
-        captions = [_text(value, "caption", "text or a list of texts")]
+        captions = [checked_text(value, "caption", "text or a list of texts")]
     captions = [c.strip() for c in captions if c.strip()]
     if not captions:
         raise BadRecord("empty_turn", "caption", "no non-empty caption")
@@ -166,7 +167,7 @@ def _answer(value: Any, field: str) -> str:
     """One answer as text: text, or a number (some sets store counts as numbers)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return str(value)
-    return _text(value, field, "text or a number").strip()
+    return checked_text(value, field, "text or a number").strip()
 
 
 def _answers(rec: dict) -> list[str]:
@@ -192,7 +193,7 @@ def _answers(rec: dict) -> list[str]:
 
 def _vqa_turns(rec: dict) -> list[dict]:
     """Benchmark-style question/answer -> one user/assistant pair (several answers: the most common, as VQA scores)."""
-    question = _text(rec["question"], "question")
+    question = checked_text(rec["question"], "question")
     answers = [a for a in _answers(rec) if a]
     if not question.strip() or not answers:
         raise BadRecord("empty_turn", "answer" if question.strip() else "question", "empty question or answer")
@@ -210,12 +211,12 @@ def normalize(rec: Any, index: int) -> tuple[list[dict], list, list[str]]:
     # messages must name the record's own key: `images` in TRL's format, `image` in LLaVA's, `image_id` in captions
     default = "images" if "messages" in rec else "image"
     field = next((k for k in ("images", "image", "image_id") if rec.get(k) is not None), default)
-    refs, fields = _image_refs(rec.get(field), field)
+    refs, fields = image_refs(rec.get(field), field)
     if "messages" in rec or "conversations" in rec:
         key = "messages" if "messages" in rec else "conversations"
         if not isinstance(rec[key], list):
             raise BadRecord("malformed_record", key, f"expected a list of turns, got {kind(rec[key])}")
-        messages = [_turn(turn, f"{key}[{j}]") for j, turn in enumerate(rec[key])]
+        messages = [parse_turn(turn, f"{key}[{j}]") for j, turn in enumerate(rec[key])]
     elif "caption" in rec:
         key, messages = "caption", _caption_turns(rec, index)
     elif "question" in rec:

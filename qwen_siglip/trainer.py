@@ -1,8 +1,11 @@
 """What every stage adds to its TRL trainer: a projector learning rate, our batch sampler, our model card, progress.
 
 Notable:
-- `StageMixin` goes in front of a TRL trainer class (`QwenSiglipTrainer` = it + `SFTTrainer`), so later stages
-  compose it with their own TRL trainer the same way.
+- `StageMixin` goes in front of a TRL trainer class: `QwenSiglipTrainer` = it + `SFTTrainer` (stages 1 and 2),
+  `QwenSiglipDPOTrainer` = it + `DPOTrainer`, `QwenSiglipGRPOTrainer` = it + `GRPOTrainer` (stage 3). TRL's
+  trainers stay as they are: the reference model, the losses, generation and the rewards are theirs.
+- DPO's log-probabilities cover completion tokens only: the batch's `completion_mask` is ANDed with "a real token,
+  not an image or vision-marker token" before TRL reads it, whatever the collator (ours, TRL's, a user's) marked.
 - `--projector_lr` is a parameter group of its own, whatever else trains (weight decay as the Trainer decides).
 - With a batch sampler (packing, length grouping) the training DataLoader is the Trainer's own, with that sampler
   in place of its sampler and batch size; accelerate then hands each rank its share of the micro-batches.
@@ -12,10 +15,12 @@ Notable:
 import logging
 from functools import partial
 
+import torch
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
-from trl import SFTTrainer
+from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
+from processing_qwen_siglip import IMAGE_TOKEN, VISION_END, VISION_START
 from qwen_siglip.card import write_model_card
 
 logger = logging.getLogger(__name__)
@@ -30,6 +35,8 @@ class StageMixin:
         self.projector_lr = projector_lr
         self.card_info = card_info or {}
         super().__init__(*args, **kwargs)
+        if getattr(self, "ref_model", None) is not None:  # DPO's and GRPO's reference: the start, frozen for good
+            self.ref_model.requires_grad_(False)
 
     def create_optimizer(self, model=None):
         if self.projector_lr is None:
@@ -79,9 +86,34 @@ class QwenSiglipTrainer(StageMixin, SFTTrainer):
     """SFTTrainer with a separate projector learning rate, our batch samplers and our own model card."""
 
 
+class QwenSiglipDPOTrainer(StageMixin, DPOTrainer):
+    """DPOTrainer whose log-probabilities never cover an image token, a vision marker or padding."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = completion_tokens_only(inputs, self.processing_class)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def completion_tokens_only(inputs: dict, processor) -> dict:
+    """The batch with `completion_mask` (2B, L) cleared on padding and on `<|vision_start|>`, `<|image_pad|>` and
+    `<|vision_end|>`: what TRL scores is then completion text and `<|im_end|>` only."""
+    vision = torch.tensor(processor.tokenizer.convert_tokens_to_ids([VISION_START, IMAGE_TOKEN, VISION_END]))
+    ids = inputs["input_ids"]
+    real = inputs["attention_mask"].bool() & ~torch.isin(ids, vision.to(ids.device))
+    return {**inputs, "completion_mask": inputs["completion_mask"] * real}
+
+
+class QwenSiglipGRPOTrainer(StageMixin, GRPOTrainer):
+    """GRPOTrainer with the stage machinery; it generates through our model's own `generate` (pixel_values, cache)."""
+
+
+PROGRESS = {"loss": "loss", "reward": "reward", "rewards/margins": "margin"}  # logged key -> name in the line
+
+
 class ProgressLog(TrainerCallback):
     """One plain log line per logging step too, for runs whose progress bar is not on a terminal."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs and "loss" in logs:
-            logger.info(f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}")
+            shown = " ".join(f"{name} {logs[key]:.4f}" for key, name in PROGRESS.items() if key in logs)
+            logger.info(f"step {state.global_step}/{state.max_steps} {shown}")

@@ -1,8 +1,10 @@
-"""The one implementation behind `train_pretrain.py` and `train_sft.py`: build, freeze, train, save, card, push.
+"""The stage machinery: `train_pretrain.py` and `train_sft.py` run `main` here; stage 3 (`train_dpo.py`,
+`train_grpo.py`, qwen_siglip/stage3.py) shares the rest: parse, build, freeze, load, train, save, card, push.
 
 Notable:
-- The two stages differ only in their defaults (`STAGES`): which modules learn, the learning rate and the global
-  batch. A recipe YAML (`--config`) overrides them; the command line overrides both.
+- Stages differ in their defaults (`STAGES`) and TRL config (`STAGE_CLASSES`): which modules learn, the learning
+  rate, the global batch, DPO's beta, GRPO's generations. A recipe YAML (`--config`) overrides them; the command
+  line overrides both.
 - Stage 1 composes the model from two base checkpoints (`--vision_model`, `--text_model`); a later stage starts
   from a QwenSiglip checkpoint (`--model_name_or_path`).
 - Every field of TRL's config that we override is set in one place, `override_trl_args`, with the reason for each.
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from trl import ModelConfig, SFTConfig, TrlParser
+from trl import DPOConfig, GRPOConfig, ModelConfig, SFTConfig, TrlParser
 
 from modeling_qwen_siglip import QwenSiglipForConditionalGeneration
 from processing_qwen_siglip import QwenSiglipProcessor
@@ -81,6 +83,29 @@ STAGES = {
         activation_checkpointing=True,
         output_dir="outputs/qwen-siglip-sft",
     ),
+    # Stage 3, preference pairs: projector and LM move, gently (DPO drifts fast at SFT's rate), from the SFT model.
+    "dpo": dict(
+        COMMON_DEFAULTS,
+        train_modules=["projector", "language_model"],
+        learning_rate=5e-7,
+        beta=0.1,
+        per_device_train_batch_size=8,
+        global_batch_size=64,
+        activation_checkpointing=True,
+        output_dir="outputs/qwen-siglip-dpo",
+    ),
+    # Stage 3, verifiable rewards: 8 answers per prompt, short answers (VQA-style), no KL term (TRL's default).
+    "grpo": dict(
+        COMMON_DEFAULTS,
+        train_modules=["projector", "language_model"],
+        learning_rate=1e-6,
+        per_device_train_batch_size=8,
+        global_batch_size=64,
+        num_generations=8,
+        max_completion_length=64,
+        activation_checkpointing=True,
+        output_dir="outputs/qwen-siglip-grpo",
+    ),
 }
 
 
@@ -111,10 +136,32 @@ class ScriptArguments:
     license: str = "apache-2.0"
 
 
-def parse_args(stage: str, argv: list[str] | None = None, config_class=SFTConfig, script_class=ScriptArguments):
-    """TRL's parser over (ScriptArguments, the stage's TRL config, ModelConfig), with the stage's defaults under
-    the YAML's (`--config`) and the command line's."""
-    parser = TrlParser((script_class, config_class, ModelConfig))
+@dataclass
+class GRPOScriptArguments(ScriptArguments):
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["exact_match"],
+        metadata={"help": "Rewards, summed: exact_match, length_format, or module:function (a TRL reward function, or "
+                  "a scorer f(prediction, reference) as evaluate_vlm.py's --scorer)."},
+    )  # fmt: skip
+    max_prompt_length: int | None = field(
+        default=1024, metadata={"help": "Skip (and count) prompts longer than this, image tokens included."}
+    )
+
+
+# Each stage's TRL config and script arguments (the parser's dataclasses besides ModelConfig).
+STAGE_CLASSES = {
+    "pretrain": (SFTConfig, ScriptArguments),
+    "sft": (SFTConfig, ScriptArguments),
+    "dpo": (DPOConfig, ScriptArguments),
+    "grpo": (GRPOConfig, GRPOScriptArguments),
+}
+
+
+def parse_args(stage: str, argv: list[str] | None = None, config_class=None, script_class=None):
+    """TRL's parser over (the stage's script arguments, its TRL config, ModelConfig), with the stage's defaults
+    under the YAML's (`--config`) and the command line's."""
+    default_config, default_script = STAGE_CLASSES[stage]
+    parser = TrlParser((script_class or default_script, config_class or default_config, ModelConfig))
     parser.set_defaults_with_config(**STAGES[stage])
     return parser.parse_args_and_config(argv)
 
@@ -193,7 +240,8 @@ def override_trl_args(training_args, script_args) -> dict:
     # Our collator needs the raw `messages`/`images` columns and builds labels itself.
     training_args.remove_unused_columns = False
     # The data module already gives TRL's conversational format, images decoded lazily: nothing to prepare.
-    training_args.dataset_kwargs = {"skip_prepare_dataset": True}
+    if hasattr(training_args, "dataset_kwargs"):  # SFT's; DPO and GRPO skip preparation for image data themselves
+        training_args.dataset_kwargs = {"skip_prepare_dataset": True}
     # Pushed once, at the end, through our filtered upload (push_folder), not by the Trainer at every save.
     training_args.push_to_hub = False
     # The Trainer pickles its arguments into training_args.bin (the final folder and every checkpoint): a token
@@ -219,28 +267,40 @@ def check_args(script_args, training_args, taken: dict) -> None:
         raise ValueError("--push_to_hub needs --hub_model_id user/name")
 
 
-def load_datasets(script_args, split: str | None = None):
+def load_datasets(script_args, split: str | None = None, loader=load_vlm_dataset):
     """(train, eval or None) through the data module, with the run's image root, pixel cap and strictness.
-    A set with no usable record is refused here, before any trainer is built (`require_usable`)."""
+    `loader` takes load_vlm_dataset's arguments; stage 3 passes preferences.py's. A set with no usable record is
+    refused here, before any trainer is built (`require_usable`)."""
     load = dict(image_root=script_args.image_root, streaming=script_args.dataset_streaming,
                 strict=script_args.strict, max_pixels=script_args.max_pixels)  # fmt: skip
     split = split or script_args.dataset_train_split
-    train = load_vlm_dataset(script_args.dataset_name, split=split, limit=script_args.max_samples, **load)
-    evals = load_vlm_dataset(script_args.eval_dataset_name, **load) if script_args.eval_dataset_name else None
+    train = loader(script_args.dataset_name, split=split, limit=script_args.max_samples, **load)
+    evals = loader(script_args.eval_dataset_name, **load) if script_args.eval_dataset_name else None
     for dataset in (train, evals):
         if dataset is not None:  # pitfall: not `if dataset`: an empty map-style dataset is falsy
             require_usable(dataset)
     return train, evals
 
 
-def main(stage: str, argv: list[str] | None = None, callbacks: list | None = None) -> Path:
-    """Run one stage ("pretrain" or "sft"); returns the output folder."""
+def prepare(stage: str, argv: list[str] | None = None) -> tuple:
+    """(script_args, training_args, model_args, taken, resume): parsed, overridden, checked, before anything loads."""
     script_args, training_args, model_args = parse_args(stage, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     taken = override_trl_args(training_args, script_args)
     check_args(script_args, training_args, taken)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    return script_args, training_args, model_args, taken, resume
 
+
+def card_info(stage: str, script_args, training_args, model_args, model) -> dict:
+    """What the model card reads besides the trainer's state (StageMixin's `card_info`)."""
+    processes = num_processes(training_args)
+    return dict(script_args=script_args, model_args=model_args, model=model, processes=processes, stage=stage)
+
+
+def main(stage: str, argv: list[str] | None = None, callbacks: list | None = None) -> Path:
+    """Run stage 1 or 2 ("pretrain" or "sft"); returns the output folder."""
+    script_args, training_args, model_args, taken, resume = prepare(stage, argv)
     model, processor = build_model(script_args, model_args)
     freeze(model, script_args.train_modules)
     train, evals = load_datasets(script_args)
@@ -261,30 +321,29 @@ def main(stage: str, argv: list[str] | None = None, callbacks: list | None = Non
         peft_config=peft_config(model_args, script_args.train_modules) if model_args.use_peft else None,
         callbacks=[ProgressLog(), *(callbacks or [])],
         projector_lr=script_args.projector_lr,
-        card_info=dict(
-            script_args=script_args,
-            model_args=model_args,
-            model=model,
-            processes=num_processes(training_args),
-            stage=stage,
-        ),  # fmt: skip
+        card_info=card_info(stage, script_args, training_args, model_args, model),
     )
+    return finish(trainer, processor, train, collator.skipped, script_args, model_args, taken, resume)
+
+
+def finish(trainer, processor, train, collate_skips, script_args, model_args, taken: dict, resume) -> Path:
+    """Train (resuming if asked), report the skips, save weights, plot and card, push once; the output folder."""
     logger.info(f"trainable parameters: {sum(p.numel() for p in trainer.model.parameters() if p.requires_grad):,}")
     trainer.train(resume_from_checkpoint=resume)
-    report_skips(train, collator, training_args.dataloader_num_workers)
+    report_skips(train, collate_skips, trainer.args.dataloader_num_workers)
     out = save(trainer, processor, script_args.merge_adapter and model_args.use_peft)
     if taken["push"] and trainer.is_world_process_zero():
-        push = dict(private=training_args.hub_private_repo, token=taken["hub_token"], push_eval=script_args.push_eval)
-        push_folder(out, training_args.hub_model_id, **push)
+        push = dict(private=trainer.args.hub_private_repo, token=taken["hub_token"], push_eval=script_args.push_eval)
+        push_folder(out, trainer.args.hub_model_id, **push)
     return out
 
 
-def report_skips(train, collator, workers: int) -> None:
+def report_skips(train, collate_skips: dict, workers: int) -> None:
     """One line with every skip of the run: at load, at decode, at collate."""
     # Pitfall: with dataloader_num_workers > 0, decode and collate run in worker processes and count there.
     where = " (this process only: workers count their own)" if workers else ""
     logger.info(f"data: skipped at load {dict(train.skipped)}, at decode {train.late_summary()}, "
-                f"at collate {dict(collator.skipped)}{where}")  # fmt: skip
+                f"at collate {dict(collate_skips)}{where}")  # fmt: skip
 
 
 def save(trainer, processor, merge: bool) -> Path:

@@ -1,6 +1,7 @@
-"""Test helper: run a training stage exactly as `train_pretrain.py` / `train_sft.py` do, plus test-only callbacks.
+"""Test helper: run a training stage exactly as its script (`train_pretrain.py`, `train_sft.py`, `train_dpo.py`,
+`train_grpo.py`) does, plus test-only callbacks.
 
-    python tests/stage_runner.py {pretrain,sft} <training arguments...>      (or under torchrun)
+    python tests/stage_runner.py {pretrain,sft,dpo,grpo} <training arguments...>      (or under torchrun)
 
 Environment switches (test use only):
 - QS_DUMP_WEIGHTS=<dir>: every rank writes its final trainable weights to <dir>/rank<N>.pt.
@@ -18,11 +19,10 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout under test, before any installed copy
-from qwen_siglip import trainer  # noqa: E402
-from qwen_siglip.training import main  # noqa: E402
+from qwen_siglip import stage3, training  # noqa: E402
 
 
 class DumpWeights(TrainerCallback):
@@ -48,14 +48,14 @@ class DumpArgs(TrainerCallback):
 
 def kill_in_save(step: int) -> None:
     """Trainer saves weights, then optimizer/scheduler, RNG, and trainer_state.json last: die between the first two."""
-    save_optimizer = trainer.QwenSiglipTrainer._save_optimizer_and_scheduler
+    save_optimizer = Trainer._save_optimizer_and_scheduler  # every stage's trainer inherits it
 
     def dying(self, output_dir):
         if self.state.global_step == step:
             os.kill(os.getpid(), signal.SIGKILL)
         return save_optimizer(self, output_dir)
 
-    trainer.QwenSiglipTrainer._save_optimizer_and_scheduler = dying
+    Trainer._save_optimizer_and_scheduler = dying
 
 
 class KillAfterSave(TrainerCallback):
@@ -78,4 +78,5 @@ if __name__ == "__main__":
         kill_in_save(int(os.environ["QS_KILL_IN_SAVE"]))
     if os.environ.get("QS_KILL_AT_STEP"):
         callbacks.append(KillAfterSave(int(os.environ["QS_KILL_AT_STEP"])))
+    main = stage3.main if stage in ("dpo", "grpo") else training.main
     main(stage, argv, callbacks)

@@ -37,7 +37,7 @@ def test_batch_of_only_bad_examples_raises_with_reasons(tiny):
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_recipe_parses_with_the_stage_parser(recipe):
-    stage = "pretrain" if "pretrain" in recipe.name else "sft"
+    stage = next((s for s in ("pretrain", "dpo", "grpo") if s in recipe.name), "sft")
     cpu = ["--use_cpu", "true", "--bf16", "false"]  # the GPU recipes ask for bf16, which refuses to parse on a CPU
     script_args, args, model_args = training.parse_args(stage, ["--config", str(recipe), *cpu])
     assert set(script_args.train_modules) <= set(training.MODULES)

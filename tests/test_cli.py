@@ -95,6 +95,17 @@ def test_training_on_data_with_no_usable_record_stops_with_one_message(tiny_base
     assert message == f"no usable records in {tmp_path / 'empty.jsonl'}: it holds no records"
 
 
+@pytest.mark.parametrize("script", ["train_dpo.py", "train_grpo.py"])
+def test_stage_3_on_data_with_no_usable_record_stops_with_one_message(script, tiny_checkpoint, tmp_path):
+    """Stage 3 loads through the same function, so it refuses an empty set the same way, before any trainer."""
+    (tmp_path / "empty.jsonl").write_text("")
+    cpu = [a for a in map(str, CPU_RUN) if a not in ("--max_length", "256")]  # GRPOConfig has no max_length
+    args = ["--model_name_or_path", tiny_checkpoint, *cpu, "--max_steps", "1", "--output_dir", tmp_path / "out"]
+    args += ["--num_generations", "2"] if script == "train_grpo.py" else []  # a batch of 4 holds 2 prompts x 2
+    message = user_error(command(script, *args, "--dataset_name", tmp_path / "empty.jsonl"), script)
+    assert message == f"no usable records in {tmp_path / 'empty.jsonl'}: it holds no records"
+
+
 def test_training_with_a_missing_checkpoint_or_a_bad_flag_value_prints_the_message(tmp_path):
     result = command("train_sft.py", "--model_name_or_path", tmp_path / "no-such-run", "--dataset_name", "d.json",
                      *CPU_RUN, "--output_dir", tmp_path / "out")  # fmt: skip

@@ -121,8 +121,8 @@ def export(src: str | Path, dst: str | Path, outtypes: list[str] = ("f16",), nam
     model, processor = load(src)
     name = name or src.resolve().name or "qwen-siglip"
     files = write_gguf(model, processor, dst, outtypes, name)
-    (dst / "README.md").write_text(gguf_card(name, files, str(src)))
-    sizes = ", ".join(f"{p.name} ({p.stat().st_size / 2**20:.0f} MiB)" for p in files.values())
+    (dst / "README.md").write_text(gguf_card(name, files, str(src), model.config.image_token_id))
+    sizes = ", ".join(f"{p.name} ({p.stat().st_size / 2**20:.1f} MiB)" for p in files.values())
     print(f"Exported {display_name(str(src))} -> {dst.name}/: {sizes}")
     return files
 
@@ -152,9 +152,10 @@ def write_gguf(model, processor, dst: Path, outtypes: list[str], name: str) -> d
     return files
 
 
-def gguf_card(name: str, files: dict[str, Path], src: str) -> str:
+def gguf_card(name: str, files: dict[str, Path], src: str, image_token_id: int) -> str:
     """README.md for the GGUF folder (or repo): the files and how to run them."""
     lm = [p.name for k, p in files.items() if k != "mmproj"]
+    bias = f"logit_bias={{{image_token_id}: -100}}"  # <|image_pad|>: the GGUF suppresses it, llama-cpp-python does not
     mmproj = files["mmproj"].name
     header = ["---", "library_name: gguf", "pipeline_tag: image-text-to-text", "tags:", "- gguf", "- llama.cpp",
               "- qwen-siglip", "- vision-language"]  # fmt: skip
@@ -162,7 +163,8 @@ def gguf_card(name: str, files: dict[str, Path], src: str) -> str:
         header += ["base_model:", f"- {base[0]}", "base_model_relation: quantized"]
     lines = header + ["---", "", f"# {name} (GGUF)", ""]
     lines += [f"GGUF files of the QwenSiglip checkpoint `{display_name(src)}` for llama.cpp:", ""]
-    lines += [f"- `{f}`: the language model (llama.cpp architecture `qwen2`), chat template included" for f in lm]
+    lines += [f"- `{p.name}`: the language model ({k}; llama.cpp architecture `qwen2`), chat template included"
+              for k, p in files.items() if k != "mmproj"]  # fmt: skip
     lines += [f"- `{mmproj}`: the SigLIP vision tower and the projector (`--mmproj`)", ""]
     lines += [
         "```bash",
@@ -179,14 +181,14 @@ def gguf_card(name: str, files: dict[str, Path], src: str) -> str:
         f'llm = Llama("{lm[0]}", chat_handler=MTMDChatHandler("{mmproj}"), n_ctx=2048)',
         'image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}',
         'messages = [{"role": "user", "content": [image, {"type": "text", "text": "What colour is the shape?"}]}]',
-        'print(llm.create_chat_completion(messages, temperature=0)["choices"][0]["message"]["content"])',
+        f'print(llm.create_chat_completion(messages, temperature=0, {bias})["choices"][0]["message"]["content"])',
         "```",
         "",
         "The chat template is the model's own (ChatML, no default system prompt) and wraps each image in "
         "`<|vision_start|>` ... `<|vision_end|>`. llama.cpp letterboxes a non-square image (grey bars) where the "
         "transformers processor stretches it to a square: resize images to a square first for the same answers. "
         "The GGUF suppresses `<|image_pad|>` (`tokenizer.ggml.suppress_tokens`), which llama-server and "
-        "llama-mtmd-cli apply; with llama-cpp-python pass `logit_bias={<|image_pad|> id: -100}` for the same.",
+        f"llama-mtmd-cli apply; llama-cpp-python's sampler does not read it, hence `{bias}` above.",
         "",
     ]
     return "\n".join(lines)

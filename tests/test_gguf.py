@@ -69,6 +69,13 @@ def trained(quickstart_run, tmp_path_factory) -> dict:
             "examples": [examples[i] for i in range(min(N_QUESTIONS, len(examples)))]}  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def held_out(trained) -> tuple[list, list[str]]:
+    """(chats, our greedy answers) for the held-out questions: (prompt messages, images) each."""
+    chats = questions(trained["examples"])
+    return chats, greedy_answers(trained["model"], trained["processor"], chats)
+
+
 def questions(examples) -> list[tuple[list[dict], list]]:
     """(prompt messages, images) of each held-out example: everything before its last answer."""
     from qwen_siglip.evaluation import split_example
@@ -264,7 +271,7 @@ def test_mmproj_image_embeddings_match_our_projector(trained):
                                     our_image_features(model, processor, image))  # fmt: skip
 
 
-@pytest.mark.parametrize("layers", [-1, -2, [-1, 0], [0, -1]], ids=["last", "second-last", "last+0", "reordered"])
+@pytest.mark.parametrize("layers", [-1, -2, [-1, 0], [0, -1]], ids=["last", "second-last", "unsorted", "ascending"])
 def test_mmproj_takes_our_vision_feature_layers(tiny_bases, layers, tmp_path):
     """Without `clip.vision.feature_layer` llama.cpp would read the second-to-last layer (our default is the last);
     with several layers it concatenates them in ascending order, so a list in another order gets its projector
@@ -311,11 +318,10 @@ def test_stock_chat_handler_feeds_llama_cpp_our_prompt_tokens(trained):
         assert MEDIA_MARKER not in processor.tokenizer.decode(theirs[text])
 
 
-def test_greedy_answers_agreement_with_transformers_on_held_out_questions(trained):
+def test_greedy_answers_agreement_with_transformers_on_held_out_questions(trained, held_out):
     """>= 99% of 100 held-out questions answered exactly as our greedy `generate` answers them, at f16, through the
     stock chat handler; q8_0's figure is printed beside it (and must stay useful)."""
-    chats = questions(trained["examples"])
-    ours = greedy_answers(trained["model"], trained["processor"], chats)
+    chats, ours = held_out
     assert len(set(ours)) > 3  # varied answers, so agreement is not a coincidence
     figures = {}
     for outtype in ("f16", "q8_0"):
@@ -327,13 +333,12 @@ def test_greedy_answers_agreement_with_transformers_on_held_out_questions(traine
     assert figures["q8_0"] >= 0.9
 
 
-def test_non_square_agreement_measured_separately(trained):
+def test_non_square_agreement_measured_separately(trained, held_out):
     """The same questions on 2:1 images: llama.cpp answers as our model does on the letterboxed image (its
     preprocessing), and as on the stretched one (ours) once the client makes the image square first."""
     model, processor, files = trained["model"], trained["processor"], trained["files"]
     size = model.config.vision_config.image_size
-    wide = [(m, [i.resize((2 * size, size), Image.Resampling.BICUBIC) for i in imgs])
-            for m, imgs in questions(trained["examples"])]  # fmt: skip
+    wide = [(m, [i.resize((2 * size, size), Image.Resampling.BICUBIC) for i in imgs]) for m, imgs in held_out[0]]
     boxed = [(m, [letterboxed(i, size) for i in imgs]) for m, imgs in wide]
     ours_stretched, ours_letterboxed = greedy_answers(model, processor, wide), greedy_answers(model, processor, boxed)
     with llama(files["f16"], files["mmproj"]) as llm:
@@ -348,13 +353,12 @@ def test_non_square_agreement_measured_separately(trained):
     assert figures["squared by the client vs ours"] >= 0.99
 
 
-def test_server_agreement_openai_client_with_base64_images_answers_as_greedy_generate(trained, tmp_path):
+def test_server_agreement_openai_client_with_base64_images_answers_as_greedy_generate(trained, held_out, tmp_path):
     """llama-cpp-python's OpenAI-compatible server (`--chat_format mtmd`, stock), asked through the `openai` client
     with base64 PNG images, on the held-out questions."""
     import openai
 
-    chats = questions(trained["examples"])
-    ours = greedy_answers(trained["model"], trained["processor"], chats)
+    chats, ours = held_out
     files = trained["files"]
     with llama_cpp_server(files["f16"], files["mmproj"], tmp_path / "server.log") as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=60, max_retries=0)
@@ -389,3 +393,43 @@ def test_push_uploads_the_gguf_folder_through_the_filtered_upload(tiny_checkpoin
     with pytest.raises(SystemExit):  # no repo named: refused before anything is written
         export_gguf.main(["--model", str(tiny_checkpoint), "--output", str(tmp_path / "x"), "--push_to_hub"])
     assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------- the benchmark section
+
+
+def gguf_results(q8_decode: float, q8_ttft: float) -> dict:
+    rows = [{"variant": v, "file_mb": 1.0, "ttft_s": 1.0, "decode_tokens_per_s": 1.0, "peak_rss_mb": 1.0,
+             "ttft_speedup": 1.0, "decode_speedup": 1.0} for v in ("transformers fp32", "llama.cpp q8_0")]  # fmt: skip
+    rows[1] |= {"ttft_speedup": q8_ttft, "decode_speedup": q8_decode}
+    check = {"max_abs_diff": 0.0, "logits_range": 1.0, "same_top1": 1.0, "tokens": 3}
+    return {"gguf": {"rows": rows, "f16_check": check, "threads": 2, "prompt_tokens": 9, "new_tokens": 4}}
+
+
+def test_bench_section_reads_the_issues_goals_for_q8_0():
+    from bench import report
+
+    met = {t["target"]: t["met"] for t in report.targets(gguf_results(q8_decode=3.2, q8_ttft=1.9))}
+    assert met == {"llama.cpp q8_0: decode tokens/s vs transformers fp32": True,
+                   "llama.cpp q8_0: time to first token vs transformers fp32": False}  # fmt: skip
+    table = "\n".join(report.gguf_table(gguf_results(3.2, 1.9)["gguf"], {"gen_repeats": 3}))
+    assert "| llama.cpp q8_0 | 1 | 1.00 | 1.90x | 1 | 3.20x | 1 |" in table
+
+
+@pytest.mark.slow
+def test_bench_gguf_section_runs_at_full_size_and_writes_its_table(tmp_path):
+    """`python -m bench --sections gguf --quick`: the full-size architecture exported, every runtime timed."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "gguf.json"
+    cmd = [sys.executable, "-m", "bench", "--sections", "gguf", "--quick", "--out", str(out)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())["gguf"]
+    assert [r["variant"] for r in result["rows"]] == ["transformers fp32", "llama.cpp f16", "llama.cpp q8_0",
+                                                      "llama.cpp q4_k_m"]  # fmt: skip
+    assert result["f16_check"]["same_top1"] >= 0.9  # random weights: near-flat logits, a near-tie may flip
+    assert "| llama.cpp q8_0 |" in run.stdout

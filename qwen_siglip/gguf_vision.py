@@ -10,9 +10,8 @@ Notable:
   refused (llama.cpp would read it once).
 - Normalisation and image size come from our image processor; the tower's activation from its config
   (`clip.use_gelu` = tanh-GELU, SigLIP's `gelu_pytorch_tanh`). Pitfall: llama.cpp's `mlp` projector always applies
-  tanh-GELU, where our projector's "gelu" is the exact (erf) one: the two differ by under 1e-3 at any input, below
-  the fp16 rounding of the weights (the embeddings test measures the whole path). Other projector activations
-  are refused.
+  tanh-GELU, where our projector's "gelu" is the exact (erf) one: a small, bounded difference at every input (the
+  README gives it; the embeddings test measures the whole path). Other projector activations are refused.
 - Pixel shuffle is refused: llama.cpp's pixel-shuffle projectors (`idefics3`: one linear layer; `lfm2`: its own
   tiling, dynamic resolution and `<|image_start|>` wrapper tokens) do not compute what ours does.
 - Pitfall (llama.cpp's loader): a tower whose MLP is as wide as its hidden size looks to it like an old export with
@@ -25,7 +24,7 @@ import torch
 from qwen_siglip.gguf_text import as_gguf_array
 
 PROJECTOR_TYPE = "mlp"
-# Our projector_hidden_act values that llama.cpp's mlp projector (tanh-GELU) computes, exactly or within 1e-3.
+# Our projector_hidden_act values that llama.cpp's mlp projector (tanh-GELU) computes, exactly or nearly (erf GELU).
 PROJECTOR_ACTS = {"gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast"}
 TOWER_ACTS = {"gelu_pytorch_tanh": "use_gelu", "gelu_new": "use_gelu", "silu": "use_silu", "quick_gelu": None}
 

@@ -8,7 +8,6 @@ import base64
 import contextlib
 import ctypes
 import io
-import os
 import socket
 import subprocess
 import sys
@@ -125,7 +124,7 @@ def llama_cpp_server(model_path: Path, mmproj: Path, log_path: Path):
            "--chat_format", "mtmd", "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024",
            "--n_threads", str(THREADS), "--n_threads_batch", str(THREADS), "--verbose", "false"]  # fmt: skip
     with open(log_path, "w") as log:  # a file, not a pipe: a full pipe would block the server
-        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_PROXY": "*"})
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S

@@ -301,16 +301,20 @@ def test_llama_cpp_letterboxes_a_non_square_image_where_we_stretch_it(trained):
 # ----------------------------------------------------------------------------- chat: prompt tokens and answers
 
 
-def test_stock_chat_handler_feeds_llama_cpp_our_prompt_tokens(trained):
+def test_stock_chat_handler_feeds_llama_cpp_our_prompt_tokens(tiny, tiny_gguf):
     """The stock MTMDChatHandler renders the GGUF's template with each image as a text marker; the wrapper tokens
-    come from the template, so the sequence is ours token for token, the image in the <|image_pad|> run."""
-    model, processor, files = trained["model"], trained["processor"], trained["files"]
-    (messages, images), *_ = questions(trained["examples"])
+    come from the template, so the sequence is ours token for token, each image in its <|image_pad|> run."""
+    model, processor = tiny
     system = [{"role": "system", "content": [{"type": "text", "text": "Answer in one word."}]}]
-    for chat in (messages, system + messages):
+    two_images = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare"},
+                                               {"type": "image"}, {"type": "text", "text": "这两个？"}]}]  # fmt: skip
+    earlier_turn = [*user_turn("What colour?"), {"role": "assistant", "content": "red"}, *user_turn("<|im_end|>?", 0)]
+    for chat, n_images in ((user_turn("What colour?"), 1), (system + user_turn("Shape?"), 1), (two_images, 2),
+                           (earlier_turn, 1)):  # fmt: skip
+        images = [shape_image(c) for c in ("red", "blue")[:n_images]]
         ours = processor(images=images, text=processor.apply_chat_template(chat, add_generation_prompt=True))
         ours = np.array(ours["input_ids"][0])
-        with llama(files["f16"], files["mmproj"]) as llm:
+        with llama(tiny_gguf["f16"], tiny_gguf["mmproj"]) as llm:
             chat_answer(llm, chat, images, max_tokens=1)
             theirs = np.array(llm.input_ids[: llm.n_tokens])
         text = ours != model.config.image_token_id

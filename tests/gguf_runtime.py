@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-THREADS = 2
+# One thread: the tiny models gain nothing from more, and llama.cpp's threads spin-wait for each other, which on a
+# machine busy with other jobs costs far more than it saves.
+THREADS = 1
 READY_TIMEOUT_S = 120
 
 

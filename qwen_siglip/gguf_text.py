@@ -8,9 +8,10 @@ Notable:
   type unused, as llama.cpp's converter writes them), special tokens as control tokens, other added tokens as
   user-defined ones.
 - The chat template is ours (no default system prompt), adapted to how llama.cpp passes images: its chat handlers
-  turn each image into the text marker `<__media__>` before rendering, so the template wraps that marker in
-  `<|vision_start|>` ... `<|vision_end|>` itself (the runtime's `mlp` projector adds no wrapper tokens). TRL's
-  `{% generation %}` markers are dropped: they only mark training targets, and not every runtime's Jinja knows them.
+  turn each image into a text marker before rendering (`<__media__>`; llama-server's is `<__media_<random>__>`, in
+  a message joined into one string), so the template wraps every marker in `<|vision_start|>` ... `<|vision_end|>`
+  itself (the runtime's `mlp` projector adds no wrapper tokens). TRL's `{% generation %}` markers are dropped: they
+  only mark training targets, and not every runtime's Jinja knows them.
 - End of generation: the generation config's end ids become `eos_token_id` and `eot_token_id` (GGUF has room for
   two); its `suppress_tokens` (our `<|image_pad|>`) become `tokenizer.ggml.suppress_tokens`, which llama.cpp's own
   sampler (llama-server, llama-mtmd-cli) applies. Pitfall: llama-cpp-python's sampler does not read that key; pass
@@ -32,8 +33,21 @@ MEDIA_PLACEHOLDER = VISION_START + MEDIA_MARKER + VISION_END  # one image, as th
 QWEN2_SPLIT_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# Our chat template's text filter (processing_qwen_siglip.CHAT_TEMPLATE): the GGUF's wraps the media marker after it.
-TEXT_ESCAPE = "| replace('<image>', '<\u200bimage>')"
+# Our chat template's text macro (processing_qwen_siglip.CHAT_TEMPLATE): the GGUF's also wraps each media marker.
+TEXT_MACRO = re.compile(r"\{%- macro text_of\(s\) -%\}\{\{- (?P<escaped>.+?) -\}\}\{%- endmacro -%\}")
+# Pitfall: llama-server's marker is `<__media_<random>__>` (llama-mtmd-cli's and llama-cpp-python's `<__media__>`),
+# so the macro wraps any `<__media...__>`; split() with a count is the one tool both Jinja engines (Python's and
+# llama.cpp's own) have for it. Its text must stay one line: the template is Jinja source.
+WRAPPING_MACRO = (
+    (
+        "{%- macro text_of(s) -%}{%- set parts = (ESCAPED).split('<__media') -%}{{- parts[0] -}}"
+        "{%- for p in parts[1:] -%}{%- set rest = p.split('__>', 1) -%}"
+        "{%- if rest | length > 1 -%}{{- 'VS<__media' + rest[0] + '__>VE' + rest[1] -}}"
+        "{%- else -%}{{- '<__media' + p -}}{%- endif -%}{%- endfor -%}{%- endmacro -%}"
+    )
+    .replace("VS", VISION_START)
+    .replace("VE", VISION_END)
+)
 GENERATION_TAGS = re.compile(r"{%-?\s*(?:end)?generation\s*-?%}")
 
 
@@ -156,13 +170,14 @@ def end_ids(model) -> tuple[int, int | None]:
 def gguf_chat_template(template: str) -> str:
     """Our chat template as the GGUF carries it: images become the wrapped media marker, whether they come as
     `{"type": "image"}` items or as the marker text llama.cpp's handlers write; no `{% generation %}` markers."""
-    if IMAGE_PLACEHOLDER not in template or TEXT_ESCAPE not in template:
+    macro = TEXT_MACRO.search(template)
+    if IMAGE_PLACEHOLDER not in template or macro is None:
         raise ValueError(
-            "the checkpoint's chat template is not QwenSiglip's (no image placeholder or text escaping found), so "
+            "the checkpoint's chat template is not QwenSiglip's (no image placeholder or text macro found), so "
             "the export cannot adapt it to llama.cpp's image marker; export a checkpoint that uses our template"
         )
-    wrap = f"{TEXT_ESCAPE} | replace('{MEDIA_MARKER}', '{MEDIA_PLACEHOLDER}')"
-    template = template.replace(IMAGE_PLACEHOLDER, MEDIA_PLACEHOLDER).replace(TEXT_ESCAPE, wrap)
+    wrapping = WRAPPING_MACRO.replace("ESCAPED", macro["escaped"])
+    template = template.replace(macro[0], wrapping).replace(IMAGE_PLACEHOLDER, MEDIA_PLACEHOLDER)
     return GENERATION_TAGS.sub("", template)
 
 

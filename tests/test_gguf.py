@@ -228,13 +228,16 @@ def test_both_end_ids_end_generation_and_image_pad_is_suppressed(exported):
         assert llm.n_vocab() == model.config.text_config.vocab_size  # every embedding row has a token
 
 
-def test_text_logits_match_transformers_f32_closely_and_f16_to_fp16_tolerance(trained):
+def test_text_logits_agreement_f32_to_float_rounding_and_f16_to_fp16_tolerance(trained):
+    """Logits on two prompts (English, Chinese), as a fraction of the logits' range. f32 weights with an f32 KV cache
+    (llama.cpp's default cache is f16): only the order of the arithmetic differs from ours. f16 weights with the
+    default cache, what users run: within 1%, and the same top token wherever ours is not a near-tie (a top-2
+    margin inside twice the difference seen)."""
     model, processor = trained["model"], trained["processor"]
     prompts = [processor.apply_chat_template(user_turn(q, 0), add_generation_prompt=True) + a
                for q, a in [("What colour is the shape?", "red"), ("这个形状是什么颜色？", "红色")]]  # fmt: skip
-    # f32 weights with an f32 KV cache (llama.cpp's default cache is f16): only the arithmetic's order differs from
-    # ours. f16 weights with the default cache: what users run.
-    for outtype, tolerance, cache in (("f32", 1e-4, {"type_k": 0, "type_v": 0}), ("f16", 1e-2, {})):
+    figures = {}
+    for outtype, tolerance, cache in (("f32", 1e-5, {"type_k": 0, "type_v": 0}), ("f16", 1e-2, {})):
         with llama(trained["files"][outtype], logits_all=True, **cache) as llm:
             for prompt in prompts:
                 ids = processor.tokenizer(prompt)["input_ids"]
@@ -243,9 +246,13 @@ def test_text_logits_match_transformers_f32_closely_and_f16_to_fp16_tolerance(tr
                 theirs = np.array(llm.scores[: len(ids)])
                 with torch.no_grad():
                     ours = model(input_ids=torch.tensor([ids])).logits[0].numpy()
-                scale = np.abs(ours).max()
-                assert np.abs(theirs - ours).max() <= tolerance * scale, (outtype, np.abs(theirs - ours).max(), scale)
-                assert (theirs.argmax(-1) == ours.argmax(-1)).all(), outtype
+                diff, scale = np.abs(theirs - ours).max(), np.abs(ours).max()
+                figures[outtype] = max(figures.get(outtype, 0.0), float(diff / scale))
+                assert diff <= tolerance * scale, (outtype, diff, scale)
+                top2 = np.sort(ours, axis=-1)[:, -2:]
+                decided = top2[:, 1] - top2[:, 0] > 2 * diff
+                assert decided.mean() > 0.8 and (theirs.argmax(-1) == ours.argmax(-1))[decided].all(), outtype
+    print(f"\nGGUF text logits, max |llama.cpp - transformers| / logits range: {json.dumps(figures)}")
 
 
 # ----------------------------------------------------------------------------- images
@@ -263,19 +270,24 @@ def letterboxed(image: Image.Image, size: int) -> Image.Image:
     return canvas
 
 
-def assert_embeddings_close(theirs: np.ndarray, ours: np.ndarray, tolerance: float = 1e-2) -> None:
+def assert_embeddings_close(theirs: np.ndarray, ours: np.ndarray, tolerance: float = 1e-2) -> float:
+    """Max |difference| within `tolerance` of our embeddings' range; returns it as a fraction of that range."""
     assert theirs.shape == ours.shape
-    assert np.abs(theirs - ours).max() <= tolerance * np.abs(ours).max(), (np.abs(theirs - ours).max(), ours.std())
+    relative = float(np.abs(theirs - ours).max() / np.abs(ours).max())
+    assert relative <= tolerance, relative
+    return relative
 
 
-def test_mmproj_image_embeddings_match_our_projector(trained):
+def test_mmproj_image_embeddings_agreement_with_our_projector(trained):
+    """The f16 mmproj's image embeddings (tower, feature layer, projector) against ours, within 1% of their range:
+    held-out images at the tower's size, and a larger square one both sides resize (Pillow's bicubic, both)."""
     model, processor, files = trained["model"], trained["processor"], trained["files"]
     size = model.config.vision_config.image_size
-    images = [trained["examples"][0]["images"][0], shape_image("blue", size=3 * size)]  # as is; resized by both
+    images = [e["images"][0] for e in trained["examples"][:8]] + [shape_image("blue", size=3 * size)]
     with llama(files["f16"]) as llm:
-        for image in images:
-            assert_embeddings_close(image_embeddings(llm, files["mmproj"], image),
-                                    our_image_features(model, processor, image))  # fmt: skip
+        pairs = [(image_embeddings(llm, files["mmproj"], i), our_image_features(model, processor, i)) for i in images]
+    worst = max(assert_embeddings_close(theirs, ours) for theirs, ours in pairs)
+    print(f"\nGGUF image embeddings, max |llama.cpp - ours| / range, {len(images)} images: {worst:.2e}")
 
 
 @pytest.mark.parametrize("layers", [-1, -2, [-1, 0], [0, -1]], ids=["last", "second-last", "unsorted", "ascending"])
@@ -327,6 +339,29 @@ def test_stock_chat_handler_feeds_llama_cpp_our_prompt_tokens(tiny, tiny_gguf):
         text = ours != model.config.image_token_id
         assert len(theirs) == len(ours) and (theirs[text] == ours[text]).all()
         assert MEDIA_MARKER not in processor.tokenizer.decode(theirs[text])
+
+
+@pytest.mark.parametrize("marker", ["<__media__>", "<__media_Ab3xYz__>"], ids=["mtmd", "llama-server"])
+def test_gguf_template_wraps_each_media_marker_in_string_content(tiny, marker):
+    """llama-server joins a message with images into one string holding its marker, `<__media_<random>__>`
+    (llama-mtmd-cli: `<__media__>` before the prompt); the template wraps each one, and renders our prompt."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from processing_qwen_siglip import IMAGE_PLACEHOLDER, VISION_END, VISION_START
+    from qwen_siglip.gguf_text import gguf_chat_template
+
+    _, processor = tiny
+    template = ImmutableSandboxedEnvironment().from_string(gguf_chat_template(processor.chat_template))
+    text = f"A{marker}B <|im_end|>{marker}"
+    joined = [{"role": "system", "content": "One word."}, {"role": "user", "content": text}]
+    typed = [{"role": "system", "content": [{"type": "text", "text": "One word."}]},
+             {"role": "user", "content": [{"type": "text", "text": "A"}, {"type": "image"},
+                                          {"type": "text", "text": "B <|im_end|>"}, {"type": "image"}]}]  # fmt: skip
+    ours = processor.apply_chat_template(typed, add_generation_prompt=True)
+    wrapped = ours.replace(IMAGE_PLACEHOLDER, VISION_START + marker + VISION_END)
+    assert template.render(messages=joined, add_generation_prompt=True) == wrapped
+    unclosed = [{"role": "user", "content": "a <__media b"}]  # no marker: left as it is
+    assert "<__media b<|im_end|>" in template.render(messages=unclosed, add_generation_prompt=True)
 
 
 def test_greedy_answers_agreement_with_transformers_on_held_out_questions(trained, held_out):

@@ -88,6 +88,8 @@ def bench_gguf(args, tmp: Path) -> dict:
         rows.append({"variant": name, "file_mb": size / 2**20, **result})
         print(f"  gguf: {name}: first token {result['ttft_s']:.2f}s, {result['decode_tokens_per_s']:.3g} tok/s, "
               f"peak {result['peak_rss_mb']:.0f} MB", flush=True)  # fmt: skip
+    if len({row["prompt_tokens"] for row in rows}) != 1:  # the same chat must be the same sequence everywhere
+        raise RuntimeError(f"the runtimes saw different prompts: {[(r['variant'], r['prompt_tokens']) for r in rows]}")
     base = rows[0]
     for row in rows:
         row["ttft_speedup"] = base["ttft_s"] / row["ttft_s"]

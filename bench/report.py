@@ -156,11 +156,14 @@ def packing_table(p: dict) -> list[str]:
 
 def gguf_table(g: dict, s: dict) -> list[str]:
     c = g["f16_check"]
+    starts = [b for r in g["rows"] for b in r.get("cpu_busy_before", [])]
+    busy = sum(b > 0.3 for b in starts)  # QuietGate's threshold
     lines = [
         f"GGUF export in llama.cpp (llama-cpp-python, stock MTMDChatHandler) vs our transformers fp32 `generate`: one "
         f"640x480 image + question ({g['prompt_tokens']} prompt tokens), greedy, {g['new_tokens']} new tokens, "
-        f"{g['threads']} threads each, every runtime in a fresh process; median of {s['gen_repeats']} after a "
-        f"warm-up. f16 file vs ours, text logits: max |diff| {c['max_abs_diff']:.3g} (logits range "
+        f"{g['threads']} threads each, each runtime in a fresh process, one after the other; median of "
+        f"{s['gen_repeats']} after a warm-up; {busy} of {len(starts)} timed runs started while other processes kept "
+        f"the CPU busy. f16 file vs ours, text logits: max |diff| {c['max_abs_diff']:.3g} (logits range "
         f"{c['logits_range']:.3g}), same top-1 at {c['same_top1']:.0%} of {c['tokens']} positions",
         "",
         "| runtime | files MB | first token s | vs transformers | decode tok/s | vs transformers | peak RSS MB |",

@@ -84,8 +84,8 @@ def quantize(src: Path, dst: Path, outtype: str, threads: int = 0) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = OUTTYPES[outtype][1]
     params.nthread = threads
-    # llama.cpp logs a line per tensor; a failure is reported by the return code, so nothing is lost by silence.
-    llama_cpp.llama_log_set(silent_log(), ctypes.c_void_p(0))
+    # llama.cpp logs a line per tensor: only its warnings (e.g. tensors quantised to a fallback type) are shown.
+    llama_cpp.llama_log_set(warnings_only_log(), ctypes.c_void_p(0))
     try:
         failed = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     finally:
@@ -95,11 +95,17 @@ def quantize(src: Path, dst: Path, outtype: str, threads: int = 0) -> None:
 
 
 @functools.cache
-def silent_log():
-    """A llama.cpp log callback that drops everything; cached, since a ctypes callback must outlive its use."""
+def warnings_only_log():
+    """A llama.cpp log callback printing warnings and errors only; cached: a ctypes callback must outlive its use."""
+    import sys
+
     import llama_cpp
 
-    return llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    def log(level: int, text: bytes, user_data) -> None:
+        if level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR (ggml.h)
+            print(text.decode(errors="replace"), end="", file=sys.stderr, flush=True)
+
+    return llama_cpp.llama_log_callback(log)
 
 
 def load(src: str | Path) -> tuple[QwenSiglipForConditionalGeneration, QwenSiglipProcessor]:

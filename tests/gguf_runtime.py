@@ -25,12 +25,15 @@ READY_TIMEOUT_S = 120
 
 
 def quiet_llama_logs() -> None:
-    """llama.cpp logs through llama-cpp-python's logger: keep warnings and errors only."""
-    import logging
+    """llama.cpp's and mtmd's logs: warnings and errors only (the export's own filter)."""
+    import llama_cpp
+    import llama_cpp.mtmd_cpp as mtmd
 
-    import llama_cpp._logger  # noqa: F401  (installs the callback that reads the logger's level)
+    from qwen_siglip.gguf_export import warnings_only_log
 
-    logging.getLogger("llama-cpp-python").setLevel(logging.WARNING)
+    llama_cpp.llama_log_set(warnings_only_log(), ctypes.c_void_p(0))
+    mtmd.mtmd_log_set(warnings_only_log(), ctypes.c_void_p(0))
+    mtmd.mtmd_helper_log_set(warnings_only_log(), ctypes.c_void_p(0))
 
 
 @contextlib.contextmanager

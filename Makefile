@@ -6,13 +6,17 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 # pip's own notices (and this machine's index settings) are not for the user: -qq keeps errors only.
 PIP := $(PY) -m pip install -qq --disable-pip-version-check
+# llama-cpp-python (the GGUF tests' runtime) is built from its sdist here: CPU only, its mtmd library included.
+LLAMA_CMAKE_ARGS ?= -DGGML_CUDA=OFF -DGGML_METAL=OFF -DLLAVA_BUILD=ON
 
 $(VENV)/.installed: pyproject.toml
-	@echo "setting up $(VENV): CPU PyTorch, then this repo's dependencies (first run only, about 1.5 minutes)"
+	@echo "setting up $(VENV): CPU PyTorch, then this repo's dependencies, llama.cpp compiled for the GGUF tests"
+	@echo "(first run only: about 1.5 minutes, plus several for compiling llama.cpp)"
 	@python3 -m venv $(VENV)
 	@$(PIP) --upgrade pip
 	@$(PIP) "$(TORCH)"
-	@$(PIP) -e ".[dev]"
+	@CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) -e ".[dev]"
+	@$(PY) -c "import llama_cpp.mtmd_cpp" || { echo "llama-cpp-python was built without its mtmd library"; exit 1; }
 	@touch $@
 
 install: $(VENV)/.installed

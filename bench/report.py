@@ -37,6 +37,10 @@ def targets(results: dict) -> list[dict]:
         for row in results["data"]:
             ratio = row["samples_per_s"] / fastest
             out.append(_target(f"data samples/s / fastest training step, {row['workers']} workers", ratio, 5.0))
+    for row in results.get("gguf", {}).get("rows", []):
+        if row["variant"] == "llama.cpp q8_0":  # the issue's goals for the GGUF export
+            out.append(_target("llama.cpp q8_0: decode tokens/s vs transformers fp32", row["decode_speedup"], 3.0))
+            out.append(_target("llama.cpp q8_0: time to first token vs transformers fp32", row["ttft_speedup"], 2.0))
     pack = {r["variant"]: r for r in results.get("packing", {}).get("rows", [])}
     for variant, label in (("ours-padding-free", "padding-free"), ("ours-packed", "packed")):
         if variant in pack:
@@ -66,6 +70,8 @@ def table(results: dict) -> str:
         lines += [f"| {r['workers']} | {r['samples_per_s']:.3g} |" for r in results["data"]] + [""]
     if results.get("packing"):
         lines += packing_table(results["packing"]) + [""]
+    if results.get("gguf"):
+        lines += gguf_table(results["gguf"], results["settings"]) + [""]
     if results.get("targets"):
         lines += ["| target | measured | goal | met |", "|---|---|---|---|"]
         for t in results["targets"]:
@@ -76,11 +82,13 @@ def table(results: dict) -> str:
 
 def machine_line(results: dict) -> str:
     m, s = results["machine"], results["settings"]
+    diff = results.get("logits_max_abs_diff")  # absent when only the gguf section ran (no LLaVA twin built)
     return (
         f"Machine: {m.get('gpu') or m['cpu']} ({m['cpu_cores']} CPU cores, {m['torch_threads']} torch threads), "
         f"torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']}; {s['dtype']}; peak matmul "
-        f"{results['peak_matmul']['flops_per_s'] / 1e9:.0f} GFLOP/s; ours vs LLaVA logits max |diff| "
-        f"{results['logits_max_abs_diff']:.2g}; load average {results['load_average']['start'][0]:.1f} at start, "
+        f"{results['peak_matmul']['flops_per_s'] / 1e9:.0f} GFLOP/s; "
+        + (f"ours vs LLaVA logits max |diff| {diff:.2g}; " if diff is not None else "")
+        + f"load average {results['load_average']['start'][0]:.1f} at start, "
         f"{results['load_average']['end'][0]:.1f} at end; {results['quiet_gate']['measurements_started_busy']} "
         f"measurements started while another process kept the CPU busy."
     )
@@ -142,5 +150,28 @@ def packing_table(p: dict) -> list[str]:
             f"| {r['variant']} | {r['steps']} | {r['samples_per_s']:.3g} | {r['real_tokens_per_s']:.3g} | "
             f"{r['pad_fraction']:.0%} | {r['peak_mb']:.0f} | {r['step_mb']:.0f} | "
             f"{r['speed_vs_llava']:.2f}x ({lo:.2f}-{hi:.2f}) |"
+        )
+    return lines
+
+
+def gguf_table(g: dict, s: dict) -> list[str]:
+    c = g["f16_check"]
+    starts = [b for r in g["rows"] for b in r.get("cpu_busy_before", [])]
+    busy = sum(b > 0.3 for b in starts)  # QuietGate's threshold
+    lines = [
+        f"GGUF export in llama.cpp (llama-cpp-python, stock MTMDChatHandler) vs our transformers fp32 `generate`: one "
+        f"640x480 image + question ({g['prompt_tokens']} prompt tokens), greedy, {g['new_tokens']} new tokens, "
+        f"{g['threads']} threads each, each runtime in a fresh process, one after the other; median of "
+        f"{s['gen_repeats']} after a warm-up; {busy} of {len(starts)} timed runs started while other processes kept "
+        f"the CPU busy. f16 file vs ours, text logits: max |diff| {c['max_abs_diff']:.3g} (logits range "
+        f"{c['logits_range']:.3g}), same top-1 at {c['same_top1']:.0%} of {c['tokens']} positions",
+        "",
+        "| runtime | files MB | first token s | vs transformers | decode tok/s | vs transformers | peak RSS MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in g["rows"]:
+        lines.append(
+            f"| {r['variant']} | {r['file_mb']:.0f} | {r['ttft_s']:.2f} | {r['ttft_speedup']:.2f}x | "
+            f"{r['decode_tokens_per_s']:.3g} | {r['decode_speedup']:.2f}x | {r['peak_rss_mb']:.0f} |"
         )
     return lines

@@ -4,6 +4,7 @@
     HF_HUB_OFFLINE=1 python -m bench --threads 1  # a 2-core machine shared with others: bench/results/cpu.json
     HF_HUB_OFFLINE=1 python -m bench --sections packing   # packing alone: results/cpu-packing.json
     HF_HUB_OFFLINE=1 python -m bench --quick      # smoke run: 1 repeat, batch 1, generation batch 1
+    HF_HUB_OFFLINE=1 python -m bench --sections gguf --threads 2  # llama.cpp vs ours: results/cpu-gguf.json
     python -m bench --device cuda                 # GPU: bf16, batch 16, 64 new tokens, flash attention
     Flags for more: --batch-size, --repeats, --gen-repeats, --gen-batch-sizes, --new-tokens, --text-tokens, --workers,
     --gradient-checkpointing recipe|off|on, --sections train,generate,data,packing, --quiet-wait, --pack-*.
@@ -19,6 +20,7 @@ ratios (so a neighbour slowing one stretch of the run hits both sides of a pair)
 - generation.py: greedy decoding with the KV cache;
 - data_pipeline.py: the data module + collator against the training step;
 - bench_packing.py: stage 2 on a length mix: padded, grouped by length, padding-free, packed;
+- gguf.py: llama.cpp on the GGUF export (f16, q8_0, q4_k_m) against our generate (not in the default sections);
 - report.py: the issue's targets and the tables.
 Tokenizer: tiny.build_tokenizer trained on the benchmark's texts (the Qwen2.5 tokenizer is not downloadable). Its
 <|image_pad|> id is small, so `image_token_id` is set to it in the config, as `compose` does for any
@@ -41,6 +43,7 @@ import torch  # noqa: E402
 from bench.bench_packing import bench_packing  # noqa: E402
 from bench.data_pipeline import bench_data  # noqa: E402
 from bench.generation import bench_generation  # noqa: E402
+from bench.gguf import bench_gguf  # noqa: E402
 from bench.machine import MemoryProbe, QuietGate, machine_info, peak_matmul_flops  # noqa: E402
 from bench.models import (  # noqa: E402
     LLAVA,
@@ -85,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads; default all cores")
     p.add_argument("--workers", default="0,4", help="DataLoader worker counts to measure")
-    p.add_argument("--sections", default="train,generate,data,packing", help="which of train,generate,data,packing")
+    p.add_argument("--sections", default="train,generate,data,packing", help="of train,generate,data,packing,gguf")
     p.add_argument("--pack-samples", type=int, default=None, help="packing: samples in the mix; 10 CPU, 256 GPU")
     p.add_argument("--pack-batch-size", type=int, default=None, help="packing: padded batch; default 4 CPU, 16 GPU")
     p.add_argument("--pack-rows", type=int, default=None, help="packing: rows of max length a step; 1 CPU, 4 GPU")
@@ -160,6 +163,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run_sections(args: argparse.Namespace, results: dict, tmp: Path) -> None:
     """Build the data and the models compared, check they agree, then time each section asked for."""
+    if "gguf" in args.sections:  # its own model, files and processes (bench/gguf.py)
+        results["gguf"] = bench_gguf(args, tmp)
+        if args.sections == {"gguf"}:
+            return
     n_data = max(64, args.batch_size * 8, max(args.gen_batch_sizes))
     data_path, texts = make_data(tmp, n_data, args.text_tokens, args.seed)
     tokenizer = build_tokenizer([*DEFAULT_CORPUS, *texts], vocab_size=1024)

@@ -23,6 +23,9 @@ package imports them, never the other way round. One job per module, from the bo
     evaluation   held-out scores beside a blind baseline (`evaluate_vlm.py`)
     chat         the app's chat engine, streamed (`app.py`)
     llava        the conversion to transformers' LLaVA (`export_llava.py`)
+    gguf_text    the LM half of the GGUF export: llama.cpp's qwen2, tokenizer, chat template, end ids
+    gguf_vision  the vision half of the GGUF export: the tower and projector as llama.cpp's mmproj
+    gguf_export  the GGUF export itself (`export_gguf.py`): checks, files, llama.cpp's quantiser, card, push
     synthetic    the embedded default's coloured-shapes world (`quickstart.py`)
     tiny         tiny random bases saved like Hub checkpoints, for the quickstart and the tests
     cli          how the commands end on an error: a user's mistake as its message alone, a bug with its traceback

@@ -13,7 +13,7 @@ from conftest import ROOT
 
 HUB_FILES = ["configuration_qwen_siglip.py", "modeling_qwen_siglip.py", "processing_qwen_siglip.py"]
 COMMANDS = {"train_pretrain.py", "train_sft.py", "train_dpo.py", "train_grpo.py", "evaluate_vlm.py", "app.py",
-            "export_llava.py", "quickstart.py"}  # fmt: skip
+            "export_llava.py", "export_gguf.py", "quickstart.py"}  # fmt: skip
 MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_HUB_LINES = 400, 50, 520
 
 

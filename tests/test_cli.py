@@ -157,9 +157,10 @@ def test_evaluate_refuses_when_every_example_is_skipped_at_evaluation(tiny_check
     assert not (tmp_path / "summary.json").exists()
 
 
-def test_export_of_a_missing_checkpoint_prints_the_message(tmp_path):
-    result = command("export_llava.py", "--model", tmp_path / "no-such-model", "--output", tmp_path / "out")
-    assert "no-such-model" in user_error(result, "export_llava.py")
+@pytest.mark.parametrize("script", ["export_llava.py", "export_gguf.py"])
+def test_export_of_a_missing_checkpoint_prints_the_message(script, tmp_path):
+    result = command(script, "--model", tmp_path / "no-such-model", "--output", tmp_path / "out")
+    assert "no-such-model" in user_error(result, script)
 
 
 def test_app_start_up_on_a_hub_id_it_cannot_reach_prints_the_message(tmp_path):

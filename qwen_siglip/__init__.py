@@ -16,9 +16,10 @@ package imports them, never the other way round. One job per module, from the bo
     training     the stage entry points' one implementation (`train_pretrain.py`, `train_sft.py`)
     inference    loading a checkpoint to answer with: remote-code policy, revision, context length
     metrics      exact match, BLEU-4, CIDEr-D
-    evaluation   held-out scores beside a blind baseline (`evaluate_vlm.py`)
+    evaluation   held-out scores beside blind baselines (`evaluate_vlm.py`)
+    gallery      the held-out page: scored examples in one self-contained HTML file (`evaluate_vlm.py --html`)
     chat         the app's chat engine, streamed (`app.py`)
     llava        the conversion to transformers' LLaVA (`export_llava.py`)
-    synthetic    the embedded default's coloured-shapes world (`quickstart.py`)
+    synthetic    the embedded default's coloured-shapes world and its held-out splits (`quickstart.py`)
     tiny         tiny random bases saved like Hub checkpoints, for the quickstart and the tests
 """

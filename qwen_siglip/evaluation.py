@@ -4,7 +4,8 @@ Notable:
 - Any example the data module gives works: the last assistant turn is the reference, everything before it (earlier
   turns included) is the prompt.
 - Blind baselines answer the same prompts with the images replaced: `shuffled` gives each example another
-  example's images (a random cycle, so never its own: a real picture, about something else), `blank` a grey image,
+  example's images (never its own; another example asked the same question where there is one: a real picture of
+  the kind the question is asked of, showing something else), `blank` a grey image,
   and a function of your own `(image, example index) -> image` whatever you choose (the quickstart's is a
   shape-free scene on a training background). A blank image unlike any training image can make a model write junk
   and score below chance; a shuffled one keeps the model on familiar input, so it measures what the question
@@ -19,7 +20,7 @@ Notable:
 import importlib
 import logging
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 
 import torch
@@ -53,27 +54,43 @@ def blank(image: Image.Image, index: int) -> Image.Image:
     return Image.new("RGB", image.size, (128, 128, 128))
 
 
-def shuffled(images: list[list[Image.Image]], seed: int = 0) -> list[list[Image.Image]] | None:
-    """Every example's images replaced by another example's, along one random cycle through the examples that have
-    images (Sattolo's shuffle: no example keeps its own). None with fewer than two such examples."""
-    owners = [i for i, imgs in enumerate(images) if imgs]
-    if len(owners) < 2:
-        return None
-    cycle, rng = list(range(len(owners))), random.Random(seed)
-    for i in range(len(cycle) - 1, 0, -1):  # j < i, never j == i: a single cycle, so cycle[k] != k
+def cycle(n: int, rng: random.Random) -> list[int]:
+    """A random permutation of range(n) with no fixed point: one cycle through all n (Sattolo's shuffle)."""
+    order = list(range(n))
+    for i in range(n - 1, 0, -1):  # j < i, never j == i: that is what leaves nobody in place
         j = rng.randrange(i)
-        cycle[i], cycle[j] = cycle[j], cycle[i]
-    blind = [list(imgs) for imgs in images]
-    for k, owner in enumerate(owners):
-        donor = images[owners[cycle[k]]]
-        blind[owner] = [donor[n % len(donor)] for n in range(len(images[owner]))]  # as many as the prompt holds
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+def shuffled(images: list[list[Image.Image]], keys: list | None = None, seed: int = 0) -> list[list] | None:
+    """Every example's images replaced by another example's, so no example keeps its own; None with fewer than two
+    examples that have images. Examples with the same key (`evaluate` passes the prompt) swap among themselves: the
+    same question, asked of another picture of its kind; those whose key no other shares swap among themselves."""
+    keys = keys or [None] * len(images)
+    groups = defaultdict(list)  # key -> the examples with images that hold it, in order
+    for i, imgs in enumerate(images):
+        if imgs:
+            groups[keys[i]].append(i)
+    cycles, lone = [g for g in groups.values() if len(g) > 1], [g[0] for g in groups.values() if len(g) == 1]
+    if len(lone) == 1 and cycles:
+        cycles[0].append(lone[0])  # alone in the world: join a group rather than keep its own image
+    elif len(lone) > 1:
+        cycles.append(lone)
+    if not cycles:
+        return None
+    rng, blind = random.Random(seed), [list(imgs) for imgs in images]
+    for members in cycles:
+        for member, k in zip(members, cycle(len(members), rng)):
+            donor = images[members[k]]
+            blind[member] = [donor[n % len(donor)] for n in range(len(images[member]))]  # as many as it holds
     return blind
 
 
-def blind_images(blind: str | BlindImage, images: list[list[Image.Image]]) -> list[list[Image.Image]] | None:
-    """The images of one blind baseline: "shuffled", or a BlindImage applied to every image."""
+def blind_images(blind: str | BlindImage, images: list[list[Image.Image]], keys: list) -> list[list] | None:
+    """The images of one blind baseline: "shuffled" (by `keys`), or a BlindImage applied to every image."""
     if blind == "shuffled":
-        return shuffled(images)
+        return shuffled(images, keys)
     return [[blind(image, i) for image in imgs] for i, imgs in enumerate(images)]
 
 
@@ -202,7 +219,7 @@ def evaluate(
     answers = generate_answers(model, processor, list(zip(texts, images)), batch_size, max_new_tokens)
     blind_answers = {}
     for name, blind in blinds.items():
-        swapped = blind_images(blind, images)
+        swapped = blind_images(blind, images, keys=texts)
         if swapped is None:
             log.warning(f"blind baseline {name!r} left out: it needs at least two examples with images")
         else:

@@ -64,13 +64,27 @@ def test_shuffled_blind_gives_every_example_another_examples_images():
     two = [shape_image("white"), shape_image("gray")]
     images = [*one, [], two]  # a text-only example, and one with two images
     for seed in range(20):
-        blind = evaluation.shuffled(images, seed)
+        blind = evaluation.shuffled(images, seed=seed)
         assert [len(b) for b in blind] == [len(i) for i in images]  # as many images as each prompt holds
         for own, given in zip(images, blind):
             assert not any(g is o for g in given for o in own), "an example kept its own image"
         donors = [next(k for k, own in enumerate(images) if b[0] in own) for b in blind if b]
         assert sorted(donors) == [k for k, own in enumerate(images) if own]  # each example's images used once
     assert evaluation.shuffled([[shape_image()], []]) is None  # nobody to swap with
+
+
+def test_shuffled_blind_asks_the_same_question_of_another_picture():
+    images = [[shape_image(c)] for c in ("red", "blue", "green", "yellow", "black", "purple", "orange")]
+    keys = ["colour?", "count?", "colour?", "count?", "colour?", "unique", "count?"]
+    for seed in range(20):
+        blind = evaluation.shuffled(images, keys, seed)
+        donors = [next(k for k, own in enumerate(images) if b[0] is own[0]) for b in blind]
+        assert all(d != i for i, d in enumerate(donors))
+        # the same question; the lone "unique" joins a group (one there gets its image) rather than keep its own
+        assert all(keys[d] in (keys[i], "unique") for i, d in enumerate(donors) if keys[i] != "unique")
+        assert sum(keys[d] != keys[i] for i, d in enumerate(donors)) == 2
+    lone = evaluation.shuffled(images[:3], ["a", "b", "b"])  # the one "a" joins the "b"s rather than keep its own
+    assert all(b[0] is not own[0] for b, own in zip(lone, images[:3]))
 
 
 def test_a_blind_of_your_own_replaces_every_image(tiny_checkpoint, shapes_data, tmp_path):
@@ -81,7 +95,7 @@ def test_a_blind_of_your_own_replaces_every_image(tiny_checkpoint, shapes_data, 
     with pytest.raises(SystemExit):
         evaluate_vlm.main([*argv, "--blind", "grey"])  # neither built in nor module:function
     name, blind = evaluation.load_blind("qwen_siglip.synthetic:empty_scene")
-    swapped = evaluation.blind_images(blind, [[shape_image()], [shape_image(), shape_image()]])
+    swapped = evaluation.blind_images(blind, [[shape_image()], [shape_image(), shape_image()]], keys=["q", "q"])
     assert [len(s) for s in swapped] == [1, 2] and all(len(i.getcolors()) == 1 for s in swapped for i in s)
 
 

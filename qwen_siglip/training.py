@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import set_seed
 from trl import ModelConfig, SFTConfig, TrlParser
 
 from modeling_qwen_siglip import QwenSiglipForConditionalGeneration
@@ -237,6 +238,7 @@ def main(stage: str, argv: list[str] | None = None, callbacks: list | None = Non
     check_args(script_args, training_args, taken)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
 
+    set_seed(training_args.seed)  # before the projector's random init, which the Trainer's own seeding comes after
     model, processor = build_model(script_args, model_args)
     freeze(model, script_args.train_modules)
     train, evals = load_datasets(script_args)

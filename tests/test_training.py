@@ -125,6 +125,14 @@ def test_stage1_leaves_the_base_weights_untouched(tiny_bases, stage1):
             torch.testing.assert_close(value, text["model." + key.removeprefix("model.language_model.")])
 
 
+def test_stage1_with_the_same_seed_ends_with_the_same_weights(tiny_bases, shapes_data, stage1, tmp_path):
+    """--seed fixes the whole run, the projector's random init included, whatever the process's random state was
+    before (a fresh Python process starts from a random one): the quickstart's numbers come from its command."""
+    torch.manual_seed(12345)
+    again = pretrain(tiny_bases, shapes_data, tmp_path, "--report_to", "tensorboard")
+    assert_same_weights(stage1, again)
+
+
 def test_stage1_output_is_exactly_what_goes_to_the_hub(stage1):
     files = {p.name for p in stage1.iterdir()}
     expected = {"model.safetensors", "config.json", "generation_config.json", "README.md", "loss.png",

@@ -96,8 +96,9 @@ TASKS = {
     "questions": ("exact_match", 8, []),
     "captions": ("caption_correct", 48, ["--scorer", "qwen_siglip.synthetic:caption_correct"]),
 }
-# The blind baselines: the same prompts with another held-out image of the split, and with a shape-free image on a
-# training background (a grey one would be unlike anything the model saw, and measure junk, not guessing).
+# The blind baselines: the same prompts with another held-out image of the split that was asked the same question, and
+# with a shape-free image on a training background (a grey one, unlike any training image, makes the model write junk:
+# that measures junk, not what the question alone gives away).
 BLINDS = {"shuffled": "shuffled", "empty": "qwen_siglip.synthetic:empty_scene"}
 
 

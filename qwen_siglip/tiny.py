@@ -7,8 +7,8 @@ Notable:
   byte-level BPE tokenizer trained here that carries Qwen's special tokens.
 - Tests and the embedded quickstart then go through the same `compose` path as the real bases.
 - `initializer_range` is Qwen's 0.02 by default, which suits Qwen's widths (896 and up); the quickstart's 128-wide
-  bases use about 1/sqrt(width), so that their attention logits do not start near zero
-  (`quickstart.py --initializer-range 0.02` runs the quickstart with Qwen's std, to compare).
+  bases use about 1/sqrt(width), the std that keeps a layer's outputs at its inputs' scale (the README's quickstart
+  section compares the two, one command each).
 """
 
 import json

@@ -7,9 +7,13 @@ Named `evaluate_vlm.py`, not `evaluate.py`: run from the repo root, a file `eval
 
 Notable (the work is in `qwen_siglip.evaluation`, `metrics`, `inference` and `card`):
 - Any format the data module reads works; each example's last assistant turn is the reference.
-- VQA-style normalised exact match, BLEU-4 and CIDEr-D, each beside its blind baseline (blank images).
+- VQA-style normalised exact match, BLEU-4 and CIDEr-D, beside blind baselines: the same prompts with each
+  example's images replaced (`--blind`: `shuffled`, another example's images; `blank`, grey; or module:function,
+  `(image, index) -> image`). Both built-in ones by default; the summary's `blind_*` is the highest.
 - `--scorer module:function` adds a metric of your own (the quickstart uses
   `qwen_siglip.synthetic:caption_correct`).
+- `--html` writes `examples.html` beside `summary.json`: the scores, then every example's image, question, answer,
+  reference and blind answers, wrong ones first; one self-contained file (`qwen_siglip.gallery`).
 - A Hub id needs `--trust_remote_code` (its code runs here), with `--revision` to pin what you read.
 - Writes `predictions.jsonl` and `summary.json` to `--output_dir`; `--write_card` also puts the scores into the model
   folder's README.md as `model-index` metadata, and `--push_to_hub` uploads the folder as training pushes it.
@@ -19,7 +23,8 @@ import argparse
 import json
 from pathlib import Path
 
-from qwen_siglip.evaluation import evaluate, load_scorer
+from qwen_siglip.evaluation import DEFAULT_BLINDS, evaluate, load_blind, load_scorer
+from qwen_siglip.hub import display_name
 from qwen_siglip.inference import load_model, remote_code_allowed
 
 
@@ -35,7 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--scorer", action="append", default=[], help="module:function, a metric of your own")
+    parser.add_argument(
+        "--blind", action="append", default=None,
+        help=f"a blind baseline: shuffled, blank or module:function (repeat for several; default: {DEFAULT_BLINDS})",
+    )  # fmt: skip
     parser.add_argument("--output_dir", default=None, help="default: <model>/eval")
+    parser.add_argument("--html", action="store_true", help="also write examples.html, a page of the scored examples")
     parser.add_argument(
         "--write_card", action="store_true", help="put the scores into <model>/README.md as model-index metadata"
     )
@@ -49,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if (args.write_card or args.push_to_hub) and not Path(args.model).is_dir():
             raise ValueError("--write_card and --push_to_hub work on <model>, so --model must be a local folder")
         args.scorers = dict(load_scorer(spec) for spec in args.scorer)
+        args.blinds = dict(load_blind(spec) for spec in args.blind or DEFAULT_BLINDS)
     except (ValueError, ImportError, AttributeError) as e:
         parser.error(str(e))
     return args
@@ -62,16 +73,31 @@ def write_results(result: dict, out: Path) -> None:
     (out / "summary.json").write_text(json.dumps(result["summary"], indent=2))
 
 
+def blind_scores(summary: dict, key: str, style: str = ".1%") -> str:
+    """'blind 35.0%: shuffled 35.0%, blank 12.0%' (the highest, then each), or 'no blind baseline'."""
+    ran = {name: b[key] for name, b in summary["blind"].items() if b and b[key] is not None}
+    each = ", ".join(f"{name} {value:{style}}" for name, value in ran.items())
+    return f"blind {summary[f'blind_{key}']:{style}}: {each}" if ran else "no blind baseline"
+
+
 def report(summary: dict, scorers: dict) -> str:
     """The one line the command prints."""
     s = summary
-    extra = "".join(f"  {k} {s[k]:.1%} (blind {s[f'blind_{k}']:.1%})" for k in scorers if s[k] is not None)
+    extra = "".join(f"  {k} {s[k]:.1%} ({blind_scores(s, k)})" for k in scorers if s[k] is not None)
     skipped = ", ".join(f"{reason} {k}" for reason, k in s["skipped"].items())
     return (
-        f"exact match {s['exact_match']:.1%} (blind {s['blind_exact_match']:.1%})  BLEU-4 {s['bleu4']:.3f}  "
-        f"CIDEr {s['cider']:.3f} (blind {s['blind_cider']:.3f}){extra}  |  {s['examples']} examples"
+        f"exact match {s['exact_match']:.1%} ({blind_scores(s, 'exact_match')})  BLEU-4 {s['bleu4']:.3f}  "
+        f"CIDEr {s['cider']:.3f} ({blind_scores(s, 'cider', '.3f')}){extra}  |  {s['examples']} examples"
         + (f", skipped: {skipped}" if skipped else "")
     )
+
+
+def write_html(args: argparse.Namespace, result: dict, out: Path) -> Path:
+    """examples.html beside summary.json, titled by display names (no path of this machine goes into the page)."""
+    from qwen_siglip.gallery import write_page
+
+    title = f"{display_name(args.model)} on {display_name(args.dataset)}"
+    return write_page(out / "examples.html", result, title, primary=next(iter(args.scorers), "exact_match"))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -82,11 +108,14 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = load_vlm_dataset(args.dataset, args.image_root, split=args.split, limit=args.limit)
     require_usable(dataset)  # nothing to score is an error, not "exact match 0.0% | 0 examples"
     examples = [dataset[i] for i in range(len(dataset))]
-    result = evaluate(model, processor, examples, args.batch_size, args.max_new_tokens, args.scorers)
+    result = evaluate(model, processor, examples, args.batch_size, args.max_new_tokens, args.scorers, args.blinds)
     if not result["summary"]["examples"]:  # before any file or card is written
         raise ValueError(f"no example of {args.dataset} could be evaluated: skipped {result['summary']['skipped']}")
-    write_results(result, Path(args.output_dir or Path(args.model) / "eval"))
+    out = Path(args.output_dir or Path(args.model) / "eval")
+    write_results(result, out)
     print(report(result["summary"], args.scorers))
+    if args.html:
+        print(f"examples page: {write_html(args, result, out)}")
     if args.write_card:
         from qwen_siglip.card import write_model_index
 

@@ -20,13 +20,14 @@ package imports them, never the other way round. One job per module, from the bo
     stage3       DPO and GRPO on that machinery (`train_dpo.py`, `train_grpo.py`)
     inference    loading a checkpoint to answer with: remote-code policy, revision, context length
     metrics      exact match, BLEU-4, CIDEr-D
-    evaluation   held-out scores beside a blind baseline (`evaluate_vlm.py`)
+    evaluation   held-out scores beside blind baselines (`evaluate_vlm.py`)
+    gallery      the held-out page: scored examples in one self-contained HTML file (`evaluate_vlm.py --html`)
     chat         the app's chat engine, streamed (`app.py`)
     llava        the conversion to transformers' LLaVA (`export_llava.py`)
     gguf_text    the LM half of the GGUF export: llama.cpp's qwen2, tokenizer, chat template, end ids
     gguf_vision  the vision half of the GGUF export: the tower and projector as llama.cpp's mmproj
     gguf_export  the GGUF export itself (`export_gguf.py`): checks, files, llama.cpp's quantiser, card, push
-    synthetic    the embedded default's coloured-shapes world (`quickstart.py`)
+    synthetic    the embedded default's coloured-shapes world and its held-out splits (`quickstart.py`)
     tiny         tiny random bases saved like Hub checkpoints, for the quickstart and the tests
     cli          how the commands end on an error: a user's mistake as its message alone, a bug with its traceback
 """

@@ -173,12 +173,12 @@ Or `pipeline("image-text-to-text", model="{name}", trust_remote_code=True)`.
 
 CARD_METRICS = {  # summary key -> (metric type, pretty name)
     "exact_match": ("exact_match", "Exact match"),
-    "blind_exact_match": ("blind_exact_match", "Exact match, blind baseline (grey images)"),
+    "blind_exact_match": ("blind_exact_match", "Exact match, blind baseline (the highest)"),
     "bleu4": ("bleu", "BLEU-4"),
     "cider": ("cider", "CIDEr-D"),
-    "blind_cider": ("blind_cider", "CIDEr-D, blind baseline (grey images)"),
+    "blind_cider": ("blind_cider", "CIDEr-D, blind baseline (the highest)"),
 }
-SUMMARY_ONLY = {"examples", "skipped"}  # summary keys that are not metrics; any other (a scorer's) is one
+SUMMARY_ONLY = {"examples", "skipped", "blind"}  # summary keys that are not metrics; any other (a scorer's) is one
 
 
 def write_model_index(

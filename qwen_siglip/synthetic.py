@@ -1,31 +1,38 @@
 """Synthetic coloured-shapes data: the no-download data set the README's first command trains on.
 
-Writes PNGs, stage-1 captions (LLaVA format) and stage-2 questions (minimind-v format) that a tiny random
-SigLIP + Qwen2 model learns in a few CPU minutes, while the same model fed blank images stays near chance.
+Writes PNGs, stage-1 captions (LLaVA format), stage-2 questions (minimind-v format) and three held-out splits that
+a tiny random SigLIP + Qwen2 model is scored on after a few CPU minutes of training.
 
 What is notable:
 - The layout matches the vision tower. A 32 px image is a 2x2 grid of 16 px cells, each exactly 2x2 of the
   8 px SigLIP patches. Every shape (11-13 px) sits alone inside its own cell, so shapes never overlap or touch,
   and colour, shape, side and count are all local features a 2-layer encoder can pick up (16 image tokens).
+- A scene's *configuration* is what it shows with the jitter taken away: the occupied cells and the colour and
+  shape in each (`configuration`; 48 with one shape, 864 with two, 6,912 with three). Background tint, shape size
+  and offset inside the cell are jitter. Every split is drawn from a named set of configurations (`partition`),
+  so what a held-out split claims is true by construction, and a test checks it from the pixels:
+  - `seen`: configurations training drew (the in-distribution reference);
+  - `unseen-layout`: configurations no training stage draws, each of whose (cell, colour, shape) parts training
+    does show: a share of the two- and three-shape ones, and every pair alone in one cell it never occupies alone
+    in training (new arrangements of known parts);
+  - `unseen-pair`: scenes holding a `RESERVED_PAIRS` (colour, shape) pair, which nothing in training holds
+    (systematic generalisation, as CLEVR-CoGenT: blue things and triangles, never a blue triangle).
 - Answers are one canonical word or digit, in English or Chinese, so exact match is meaningful. Colour,
   shape and position ("left"/"right") are asked only of single-shape images; count of images with 1-3.
-- Items are planned answer-first: (question kind, answer, language) cycles through every combination and
-  is shuffled, then a scene is drawn to fit. Every answer is equally frequent, so knowing the question
-  alone gets ~1/3 right (`chance_accuracy`); beating that needs the image.
-- Background tint, shape size and offset inside the cell are jittered; test scenes come from their own
-  seed stream and any scene identical to a training one is redrawn, so test images are never seen in training.
+- Items are planned answer-first: (question kind, answer, language) cycles through every combination the split
+  can draw and is shuffled, then a configuration is drawn to fit. Answers are balanced, so knowing the question
+  alone gets about a third right (`chance_accuracy`); beating that needs the image.
 - Deterministic: each split has its own `random.Random` seeded by a string, which is stable across runs.
-- `n_caption_test` adds held-out captions (`caption_test.jsonl`, unseen scenes, 1-3 shapes, both languages);
-  `caption_correct` scores a caption right only with every colour, shape, position and count word right, in order.
+- `caption_correct` scores a caption right only with every colour, shape, position and count word right, in
+  order; `empty_scene` is a shape-free image on a training background, a blind baseline for `evaluate_vlm.py`.
 """
 
-import argparse
 import json
 import random
 import re
-import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from itertools import combinations, product
 from pathlib import Path
 from typing import NamedTuple
 
@@ -54,15 +61,25 @@ QUESTIONS = {
     ("count", "en"): ["How many shapes are there?", "How many shapes do you see?"],
     ("count", "zh"): ["图中有几个形状？", "有多少个形状？"],
 }
-QUESTION_TYPE = {q: key for key, qs in QUESTIONS.items() for q in qs}  # what a blind guesser knows
 DESCRIBE = {
     "en": ["Describe the image.", "What is in this picture?", "Describe the shapes you see.", "Give a short caption."],
     "zh": ["描述这张图片。", "图片里有什么？", "请简单描述这张图。"],
 }
-SFT_CAPTIONS = 0.5  # captions added to the stage-2 train split, as a share of its questions (none in test)
+# What a blind guesser knows: the question's type, (kind, language); every describe prompt is ("caption", language).
+QUESTION_TYPE = {q: key for key, qs in QUESTIONS.items() for q in qs}
+QUESTION_TYPE |= {prompt: ("caption", lang) for lang, prompts in DESCRIBE.items() for prompt in prompts}
+SFT_CAPTIONS = 0.5  # captions added to the stage-2 train split, as a share of its questions
 MULTI_TURN = 0.25  # share of single-shape train items that get a second question about the same image
 IMAGE_SIZE = 32  # pixels; a multiple of 2 x the patch size (see above)
 PUNCTUATION = ".,!?;:。，！？；：、 \t\n"
+
+SPLITS = ("seen", "unseen-layout", "unseen-pair")  # the held-out splits, in the order they are reported
+GATED = "unseen-layout"  # the split `make test` gates; its files keep the plain names sft_test / caption_test
+RESERVED_PAIRS = (("blue", "triangle"), ("yellow", "circle"))  # never drawn in training: the unseen-pair split
+LAYOUT_SHARE = 0.1  # of the two- and three-shape configurations without a reserved pair, kept for unseen-layout
+
+Part = tuple[int, str, str]  # (cell index into CELLS, colour, shape)
+Config = tuple[Part, ...]  # a scene's configuration: one part per occupied cell, in cell order
 
 
 class Obj(NamedTuple):
@@ -75,25 +92,81 @@ class Obj(NamedTuple):
 Scene = tuple[tuple[int, int, int], tuple[Obj, ...]]  # (background RGB, shapes in cell order)
 
 
-def random_scene(rng: random.Random, image_size: int, n: int = 1, colour=None, shape=None, position=None) -> Scene:
-    """n shapes in distinct cells; attributes left as None are drawn at random."""
+def configuration(scene: Scene) -> Config:
+    """What a scene shows, jitter aside: (cell, colour, shape) of every shape, in cell order."""
+    return tuple((obj.cell, obj.colour, obj.shape) for obj in scene[1])
+
+
+PAIRS = [(colour, shape) for colour in COLOURS for shape in SHAPES]
+CONFIGS: list[Config] = [  # every configuration of 1-3 shapes, in a fixed order
+    tuple((cell, *pair) for cell, pair in zip(cells, pairs))
+    for n in (1, 2, 3)
+    for cells in combinations(range(len(CELLS)), n)
+    for pairs in product(PAIRS, repeat=n)
+]
+
+
+def has_reserved_pair(config: Config) -> bool:
+    return any((colour, shape) in RESERVED_PAIRS for _, colour, shape in config)
+
+
+class Partition(NamedTuple):
+    train: list[Config]  # what training stages may draw
+    unseen_layout: list[Config]  # reserved arrangements of training's parts
+    unseen_pair: list[Config]  # every configuration holding a reserved pair
+
+
+def partition(seed: int) -> Partition:
+    """Split every configuration between training and the two unseen splits, fixed by the seed."""
+    rng = random.Random(f"partition-{seed}")
+    pairs = [pair for pair in PAIRS if pair not in RESERVED_PAIRS]
+    # Each pair alone in one cell, the cells cycling: consecutive cells alternate sides, so every colour and every
+    # shape is held out on the left and on the right, and position questions stay balanced.
+    start = rng.randrange(len(CELLS))
+    alone = {((start + i) % len(CELLS), *pair) for i, pair in enumerate(pairs)}
+    multi = [c for c in CONFIGS if len(c) > 1 and not has_reserved_pair(c)]
+    layout = {(part,) for part in alone} | set(rng.sample(multi, round(LAYOUT_SHARE * len(multi))))
+    train = [c for c in CONFIGS if not has_reserved_pair(c) and c not in layout]
+    return Partition(train, sorted(layout), [c for c in CONFIGS if has_reserved_pair(c)])
+
+
+def side(cell: int) -> str:
+    return "left" if cell % 2 == 0 else "right"
+
+
+def index(configs: Iterable[Config]) -> dict[tuple[str, str], list[Config]]:
+    """(question kind, answer) -> the configurations that give that answer, in a fixed order. Colour, shape and
+    position are asked of one-shape scenes only; ("count", n) lists every n-shape configuration."""
+    found = defaultdict(list)
+    for config in sorted(configs):  # sorted: a set's order changes between processes
+        found["count", str(len(config))].append(config)
+        if len(config) == 1:
+            ((cell, colour, shape),) = config
+            for key in (("colour", colour), ("shape", shape), ("position", side(cell))):
+                found[key].append(config)
+    return dict(found)
+
+
+def background(rng: random.Random) -> tuple[int, int, int]:
+    return tuple(rng.randint(230, 255) for _ in range(3))  # light, slightly tinted: a nuisance
+
+
+def render(rng: random.Random, config: Config, image_size: int) -> Scene:
+    """A scene of `config` with its jitter drawn: background tint, and each shape's size and offset in its cell."""
     cell = image_size // 2
-    cells = [c for c in range(4) if position is None or CELLS[c].endswith(position)]
     objs = []
-    for c in sorted(rng.sample(cells, n)):
+    for c, colour, shape in config:
         s = rng.randint(round(0.7 * cell), round(0.8 * cell))
         # >= 1 px margin inside the cell keeps neighbouring shapes apart
         x0 = (c % 2) * cell + rng.randint(1, cell - s - 1)
         y0 = (c // 2) * cell + rng.randint(1, cell - s - 1)
-        obj_colour = colour or rng.choice(ANSWERS["colour"])
-        objs.append(Obj(obj_colour, shape or rng.choice(SHAPES), c, (x0, y0, x0 + s - 1, y0 + s - 1)))
-    background = tuple(rng.randint(230, 255) for _ in range(3))  # light, slightly tinted: a nuisance
-    return background, tuple(objs)
+        objs.append(Obj(colour, shape, c, (x0, y0, x0 + s - 1, y0 + s - 1)))
+    return background(rng), tuple(objs)
 
 
 def draw(scene: Scene, image_size: int) -> Image.Image:
-    background, objs = scene
-    img = Image.new("RGB", (image_size, image_size), background)
+    bg, objs = scene
+    img = Image.new("RGB", (image_size, image_size), bg)
     pen = ImageDraw.Draw(img)
     for obj in objs:
         x0, y0, x1, y1 = obj.box
@@ -107,13 +180,17 @@ def draw(scene: Scene, image_size: int) -> Image.Image:
     return img
 
 
+def empty_scene(image: Image.Image, index: int) -> Image.Image:
+    """A shape-free image on a training background (a tint `render` draws): the blind baseline that looks like the
+    training images, for `evaluate_vlm.py --blind qwen_siglip.synthetic:empty_scene`."""
+    return Image.new("RGB", image.size, background(random.Random(f"empty-{index}")))
+
+
 def answer(scene: Scene, kind: str, lang: str) -> str:
     """The canonical answer, read off the scene (the single source of truth for every label)."""
-    objs = scene[1]
-    first = objs[0]
-    side = "left" if first.cell % 2 == 0 else "right"
-    value = {"colour": first.colour, "shape": first.shape, "position": side, "count": str(len(objs))}[kind]
-    return ZH.get(value, value) if lang == "zh" else value
+    first = scene[1][0]
+    value = {"colour": first.colour, "shape": first.shape, "position": side(first.cell), "count": str(len(scene[1]))}
+    return ZH.get(value[kind], value[kind]) if lang == "zh" else value[kind]
 
 
 def caption(scene: Scene, lang: str) -> str:
@@ -127,21 +204,15 @@ def caption(scene: Scene, lang: str) -> str:
     return f"{NUMBERS[n][1]}个形状：{text}" if n > 1 else text
 
 
-def plan(n: int, rng: random.Random) -> list[tuple[str, str, str]]:
-    """n (kind, answer, language) triples, cycling all combinations so answers are balanced."""
-    items = []
+def plan(n: int, rng: random.Random, answers: dict[str, list[str]] = ANSWERS) -> list[tuple[str, str, str]]:
+    """n (kind, answer, language) triples, cycling every combination of `answers` so answers are balanced."""
+    kinds, items = [k for k in KINDS if answers.get(k)], []
     for i in range(n):
-        kind, j = KINDS[i % len(KINDS)], i // len(KINDS)
-        values = ANSWERS[kind]
+        kind, j = kinds[i % len(kinds)], i // len(kinds)
+        values = answers[kind]
         items.append((kind, values[j % len(values)], LANGS[j // len(values) % len(LANGS)]))
     rng.shuffle(items)
     return items
-
-
-def scene_for(rng: random.Random, image_size: int, kind: str, value: str) -> Scene:
-    if kind == "count":
-        return random_scene(rng, image_size, n=int(value))
-    return random_scene(rng, image_size, **{kind: value})
 
 
 def sft_row(rng: random.Random, scene: Scene, image: str, kind: str, lang: str, multi_turn: bool) -> dict:
@@ -158,6 +229,28 @@ def sft_row(rng: random.Random, scene: Scene, image: str, kind: str, lang: str, 
     return {"conversations": conversation, "image": image}
 
 
+def caption_turns(rng: random.Random, scene: Scene, lang: str, llava: bool = False) -> list[dict]:
+    """A describe-the-image prompt and the scene's caption, in LLaVA's (from/value) or role/content form."""
+    prompt, reply = "<image>\n" + rng.choice(DESCRIBE[lang]), caption(scene, lang)
+    if llava:
+        return [{"from": "human", "value": prompt}, {"from": "gpt", "value": reply}]
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+
+
+# ----------------------------------------------------------------------------- the files
+
+
+def heldout_name(split: str, task: str) -> str:
+    """The path key and file stem of a held-out split's "questions" or "captions": the gated split keeps the plain
+    `sft_test` / `caption_test`, the others add the split's name (`sft_test_seen`, `caption_test_unseen-pair`)."""
+    stem = "sft_test" if task == "questions" else "caption_test"
+    return stem if split == GATED else f"{stem}_{split}"
+
+
+def _draw(rng: random.Random, pool: dict, kind: str, value: str, image_size: int) -> Scene:
+    return render(rng, rng.choice(pool[kind, value]), image_size)
+
+
 def _writer(out: Path, image_size: int):
     """save(scene, name) -> the image's path relative to `out`, after drawing it into out/images/."""
 
@@ -168,83 +261,84 @@ def _writer(out: Path, image_size: int):
     return save
 
 
-def _caption_turns(rng: random.Random, scene: Scene, lang: str, llava: bool = False) -> list[dict]:
-    """A describe-the-image prompt and the scene's caption, in LLaVA's (from/value) or role/content form."""
-    prompt, reply = "<image>\n" + rng.choice(DESCRIBE[lang]), caption(scene, lang)
-    if llava:
-        return [{"from": "human", "value": prompt}, {"from": "gpt", "value": reply}]
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
-
-
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     return path
 
 
-def _pretrain(out: Path, n: int, seed: int, save, seen: set, image_size: int) -> Path:
+def _pretrain(out: Path, n: int, seed: int, save, pool: dict, seen: set, image_size: int) -> Path:
     """Stage-1 captions (LLaVA json) of 1-3 shapes, English or Chinese."""
     rng, rows = random.Random(f"pretrain-{seed}"), []
     for i in range(n):
-        scene, lang = random_scene(rng, image_size, n=rng.randint(1, 3)), rng.choice(LANGS)
-        seen.add(scene)
+        scene, lang = _draw(rng, pool, "count", str(rng.randint(1, 3)), image_size), rng.choice(LANGS)
+        seen.add(configuration(scene))
         rows.append({"id": f"pretrain_{i:06d}", "image": save(scene, f"pretrain_{i:06d}"),
-                     "conversations": _caption_turns(rng, scene, lang, llava=True)})  # fmt: skip
+                     "conversations": caption_turns(rng, scene, lang, llava=True)})  # fmt: skip
     path = out / "pretrain.json"
     path.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
     return path
 
 
-def _sft(out: Path, split: str, n: int, seed: int, save, seen: set, image_size: int) -> Path:
-    """Stage-2 questions (minimind-v jsonl), planned answer-first; the train split gets some captions too."""
-    rng, rows = random.Random(f"{split}-{seed}"), []  # a separate stream: test draws never mirror train draws
+def _sft_train(out: Path, n: int, seed: int, save, pool: dict, seen: set, image_size: int) -> Path:
+    """Stage-2 questions (minimind-v jsonl), planned answer-first, and captions (half as many) among them."""
+    rng, rows = random.Random(f"train-{seed}"), []
     for i, (kind, value, lang) in enumerate(plan(n, rng)):
-        scene = scene_for(rng, image_size, kind, value)
-        while split == "test" and scene in seen:
-            scene = scene_for(rng, image_size, kind, value)
-        if split == "train":
-            seen.add(scene)
-        multi_turn = split == "train" and rng.random() < MULTI_TURN
-        rows.append(sft_row(rng, scene, save(scene, f"{split}_{i:06d}"), kind, lang, multi_turn))
-    if split == "train":  # some captions too, or stage 2 would forget how to describe an image
-        for i in range(n, n + round(n * SFT_CAPTIONS)):
-            scene, lang = random_scene(rng, image_size, n=rng.randint(1, 3)), rng.choice(LANGS)
-            seen.add(scene)
-            rows.append({"conversations": _caption_turns(rng, scene, lang), "image": save(scene, f"{split}_{i:06d}")})
-        rng.shuffle(rows)
-    return _write_jsonl(out / f"sft_{split}.jsonl", rows)
+        scene = _draw(rng, pool, kind, value, image_size)
+        seen.add(configuration(scene))
+        rows.append(sft_row(rng, scene, save(scene, f"train_{i:06d}"), kind, lang, rng.random() < MULTI_TURN))
+    for i in range(n, n + round(n * SFT_CAPTIONS)):  # captions too, or stage 2 would forget how to describe
+        scene, lang = _draw(rng, pool, "count", str(rng.randint(1, 3)), image_size), rng.choice(LANGS)
+        seen.add(configuration(scene))
+        rows.append({"conversations": caption_turns(rng, scene, lang), "image": save(scene, f"train_{i:06d}")})
+    rng.shuffle(rows)
+    return _write_jsonl(out / "sft_train.jsonl", rows)
 
 
-def _caption_test(out: Path, n: int, seed: int, save, seen: set, image_size: int) -> Path:
-    """Held-out captions of unseen scenes: every count, both languages."""
-    rng, rows = random.Random(f"caption-test-{seed}"), []
-    for i in range(n):
-        scene, lang = random_scene(rng, image_size, n=1 + i % 3), LANGS[i // 3 % 2]
-        while scene in seen:
-            scene = random_scene(rng, image_size, n=1 + i % 3)
-        rows.append({"conversations": _caption_turns(rng, scene, lang), "image": save(scene, f"caption_test_{i:06d}")})
-    return _write_jsonl(out / "caption_test.jsonl", rows)
+def _heldout(out: Path, split: str, n: int, n_captions: int, seed: int, save, pool: dict, size: int) -> dict:
+    """A held-out split: n questions planned over the answers its pool can give, and n_captions captions cycling
+    through its shape counts and both languages. One-turn records (minimind-v jsonl)."""
+    if not pool:
+        raise ValueError(f"no {split} configuration to draw from: too few training scenes show the parts it needs")
+    rng, names = random.Random(f"test-{split}-{seed}"), {}
+    answers = {kind: [v for v in ANSWERS[kind] if (kind, v) in pool] for kind in KINDS}
+    rows = []
+    for i, (kind, value, lang) in enumerate(plan(n, rng, answers)):
+        scene = _draw(rng, pool, kind, value, size)
+        rows.append(sft_row(rng, scene, save(scene, f"test_{split}_{i:06d}"), kind, lang, multi_turn=False))
+    names["questions"] = _write_jsonl(out / f"{heldout_name(split, 'questions')}.jsonl", rows)
+    if n_captions:
+        rows, counts = [], answers["count"]
+        for i in range(n_captions):
+            scene, lang = _draw(rng, pool, "count", counts[i % len(counts)], size), LANGS[i // len(counts) % 2]
+            image = save(scene, f"caption_test_{split}_{i:06d}")
+            rows.append({"conversations": caption_turns(rng, scene, lang), "image": image})
+        names["captions"] = _write_jsonl(out / f"{heldout_name(split, 'captions')}.jsonl", rows)
+    return {heldout_name(split, task): path for task, path in names.items()}
 
 
-def make_shapes_dataset(
-    out_dir: str | Path,
-    *,
-    n_pretrain: int,
-    n_sft: int,
-    n_test: int,
-    n_caption_test: int = 0,
-    image_size: int = IMAGE_SIZE,
-    seed: int = 0,
-) -> dict[str, Path]:
-    """Write the splits; `n_caption_test` > 0 adds `caption_test` (held-out captions, half English, half Chinese)."""
+def heldout_pools(parts: Partition, seen: set[Config]) -> dict[str, dict]:
+    """Each held-out split's index of configurations to draw from, once training has drawn `seen`."""
+    shown = {part for config in seen for part in config}  # every (cell, colour, shape) training shows
+    layout = [config for config in parts.unseen_layout if set(config) <= shown]
+    return {"seen": index(seen), "unseen-layout": index(layout), "unseen-pair": index(parts.unseen_pair)}
+
+
+def make_shapes_dataset(out_dir: str | Path, *, n_pretrain: int, n_sft: int, n_test: int, n_caption_test: int = 0,
+                        image_size: int = IMAGE_SIZE, seed: int = 0) -> dict[str, Path]:  # fmt: skip
+    """Write the training files (`pretrain`, `sft_train`) and, for each of SPLITS, `n_test` questions and
+    `n_caption_test` captions (half English, half Chinese); keys and names as `heldout_name` gives them."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    save, seen = _writer(out, image_size), set()  # seen: training scenes, which a test scene must not equal
-    paths = {"pretrain": _pretrain(out, n_pretrain, seed, save, seen, image_size)}
-    for split, n in (("train", n_sft), ("test", n_test)):
-        paths[f"sft_{split}"] = _sft(out, split, n, seed, save, seen, image_size)
-    if n_caption_test:
-        paths["caption_test"] = _caption_test(out, n_caption_test, seed, save, seen, image_size)
+    save, parts, seen = _writer(out, image_size), partition(seed), set()  # seen: what training drew
+    train = index(parts.train)
+    paths = {"pretrain": _pretrain(out, n_pretrain, seed, save, train, seen, image_size)}
+    paths["sft_train"] = _sft_train(out, n_sft, seed, save, train, seen, image_size)
+    for split, pool in heldout_pools(parts, seen).items():
+        paths |= _heldout(out, split, n_test, n_caption_test, seed, save, pool, image_size)
     return {**paths, "images": out / "images"}
+
+
+# ----------------------------------------------------------------------------- reading and scoring
 
 
 def conversations(path: str | Path) -> list[list[str]]:
@@ -282,33 +376,17 @@ def caption_words(text: str) -> list[str]:
 
 def caption_correct(prediction: str, reference: str) -> bool:
     """True when the predicted caption has every colour, shape, position and count word of the reference, in order,
-    and no other (English or Chinese); a scorer for `evaluate.py --scorer synthetic:caption_correct`."""
+    and no other (English or Chinese); an `evaluate_vlm.py --scorer`."""
     return caption_words(prediction) == caption_words(reference)
 
 
 def chance_accuracy(test_path: str | Path) -> float:
-    """Accuracy of the best blind guesser: the most common answer for each question type (kind, language)."""
+    """Accuracy of the best blind guesser: the most common answer for each question type (kind, language); for a
+    caption, the most common caption in its language, read as `caption_correct` reads it."""
     answers = defaultdict(Counter)
     for turns in conversations(test_path):
         for question, reply in zip(turns[::2], turns[1::2]):
             question = question.removeprefix("<image>\n")
-            answers[QUESTION_TYPE.get(question, question)][normalize_answer(reply)] += 1
+            kind = QUESTION_TYPE.get(question, (question, ""))
+            answers[kind][tuple(caption_words(reply)) if kind[0] == "caption" else normalize_answer(reply)] += 1
     return sum(max(c.values()) for c in answers.values()) / sum(sum(c.values()) for c in answers.values())
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--n-pretrain", type=int, default=2000)
-    parser.add_argument("--n-sft", type=int, default=2000)
-    parser.add_argument("--n-test", type=int, default=400)
-    parser.add_argument("--n-caption-test", type=int, default=100)
-    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    start = time.perf_counter()
-    paths = make_shapes_dataset(args.out, **{k: v for k, v in vars(args).items() if k != "out"})
-    print(f"wrote {args.n_pretrain + args.n_sft + args.n_test} examples in {time.perf_counter() - start:.1f}s")
-    for name, path in paths.items():
-        print(f"  {name}: {path}")
-    print(f"blind chance accuracy on the test split: {chance_accuracy(paths['sft_test']):.3f}")

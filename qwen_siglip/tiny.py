@@ -6,9 +6,9 @@ Notable:
   embeddings (as Qwen2.5-0.5B; `tie_word_embeddings=False` for an LM with its own head, as Qwen2.5-7B) and a
   byte-level BPE tokenizer trained here that carries Qwen's special tokens.
 - Tests and the embedded quickstart then go through the same `compose` path as the real bases.
-- `initializer_range` is Qwen's 0.02 by default, which suits Qwen's widths (896 and up); a 64-128 wide model needs
-  about 1/sqrt(width), or its attention logits stay near zero and attention near uniform for hundreds of steps
-  (the README's quickstart section gives the measurement and its command).
+- `initializer_range` is Qwen's 0.02 by default, which suits Qwen's widths (896 and up); the quickstart's 128-wide
+  bases use about 1/sqrt(width), the std that keeps a layer's outputs at its inputs' scale (the README's quickstart
+  section compares the two, one command each).
 """
 
 import json

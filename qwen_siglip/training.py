@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import set_seed
 from trl import DPOConfig, GRPOConfig, ModelConfig, SFTConfig, TrlParser
 
 from modeling_qwen_siglip import QwenSiglipForConditionalGeneration
@@ -289,6 +290,7 @@ def prepare(stage: str, argv: list[str] | None = None) -> tuple:
     taken = override_trl_args(training_args, script_args)
     check_args(script_args, training_args, taken)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    set_seed(training_args.seed)  # before the projector's random init, which the Trainer's own seeding comes after
     return script_args, training_args, model_args, taken, resume
 
 

@@ -154,7 +154,8 @@ def run_stage(args: list[str], env: dict, launcher: list[str] | None = None) -> 
 
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory) -> dict[str, Path]:
-    """A small synthetic shapes set at the tiny tower's 32 px: captions (LLaVA json) and Q&A (minimind-v jsonl)."""
+    """A small synthetic shapes set at the tiny tower's 32 px: captions (LLaVA json), Q&A (minimind-v jsonl) and 8
+    questions in each held-out split (`sft_test`: unseen-layout; `sft_test_seen`, `sft_test_unseen-pair`)."""
     from qwen_siglip import synthetic
 
     out = tmp_path_factory.mktemp("shapes")
@@ -166,7 +167,8 @@ def quickstart_run(tmp_path_factory) -> dict:
     """The embedded default exactly as `make quickstart` runs it: both stages through the real scripts, then held-out
     evaluation, so the README's claims are what CI checks.
 
-    Returns quickstart's summary plus `checkpoint`, the trained stage-2 folder (tests may read, never modify it).
+    Returns quickstart's summary (`splits`: {split: {task: scores}}, `seconds`) plus `checkpoint`, the trained stage-2
+    folder (tests may read, never modify it), whose `eval/<split>/<task>/` holds each evaluation's files and page.
     While iterating on the tests that use it, QWEN_SIGLIP_QUICKSTART=<a finished `quickstart.py --out` folder> reuses
     that run instead of training again (CI never sets it).
     """

@@ -1,13 +1,15 @@
-"""evaluate_vlm.py and its modules: answer normalisation, caption scores, the CLI with its blind baseline."""
+"""evaluate_vlm.py and its modules: answer normalisation, caption scores, the CLI with its blind baselines, the HTML
+page of examples (opened in Chromium)."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
-from conftest import shape_image
+from conftest import ROOT, shape_image
 
 import evaluate_vlm
-from qwen_siglip import evaluation, inference, metrics
+from qwen_siglip import evaluation, gallery, inference, metrics, synthetic
 
 
 @pytest.mark.parametrize(
@@ -38,25 +40,142 @@ def test_cider_rewards_the_rare_words_that_match():
     assert swapped == [0.0]  # one reference: every n-gram has idf 0, nothing to reward
 
 
-def test_cli_writes_predictions_and_summary_with_blind_baseline(tiny_checkpoint, shapes_data, tmp_path):
+def test_cli_writes_predictions_and_summary_with_blind_baselines(tiny_checkpoint, shapes_data, tmp_path):
     out = tmp_path / "eval"
     argv = ["--model", str(tiny_checkpoint), "--dataset", str(shapes_data["sft_test"]), "--limit", "4"]
     result = evaluate_vlm.main([*argv, "--batch_size", "3", "--max_new_tokens", "3", "--output_dir", str(out)])
     lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     assert len(lines) == summary["examples"] == 4 == len(result["predictions"])
-    assert {"reference", "prediction", "blind_prediction", "exact_match", "bleu4", "cider"} <= set(lines[0])
+    assert {"question", "reference", "prediction", "exact_match", "bleu4", "cider", "blind"} <= set(lines[0])
+    assert set(lines[0]["blind"]) == set(summary["blind"]) == {"shuffled", "blank"}  # both by default
+    assert lines[0]["question"] in synthetic.QUESTION_TYPE  # the question as asked, without the image placeholder
     assert summary["exact_match"] == sum(p["exact_match"] for p in lines) / 4
-    # the random tiny model answers from the image: grey images change what it says
-    assert [p["prediction"] for p in lines] != [p["blind_prediction"] for p in lines]
+    for name, blind in summary["blind"].items():
+        assert blind["exact_match"] == sum(p["blind"][name]["exact_match"] for p in lines) / 4
+    assert summary["blind_exact_match"] == max(b["exact_match"] for b in summary["blind"].values())  # the higher
+    # the random tiny model answers from the image: other images change what it says
+    for name in summary["blind"]:
+        assert [p["prediction"] for p in lines] != [p["blind"][name]["prediction"] for p in lines], name
 
 
-def test_trained_default_beats_its_blind_baseline(quickstart_run, tmp_path):
+def test_shuffled_blind_gives_every_example_another_examples_images():
+    one = [[shape_image(c)] for c in ("red", "blue", "green", "yellow", "black", "purple", "orange")]
+    two = [shape_image("white"), shape_image("gray")]
+    images = [*one, [], two]  # a text-only example, and one with two images
+    for seed in range(20):
+        blind = evaluation.shuffled(images, seed=seed)
+        assert [len(b) for b in blind] == [len(i) for i in images]  # as many images as each prompt holds
+        for own, given in zip(images, blind):
+            assert not any(g is o for g in given for o in own), "an example kept its own image"
+        donors = [next(k for k, own in enumerate(images) if b[0] in own) for b in blind if b]
+        assert sorted(donors) == [k for k, own in enumerate(images) if own]  # each example's images used once
+    assert evaluation.shuffled([[shape_image()], []]) is None  # nobody to swap with
+
+
+def test_shuffled_blind_asks_the_same_question_of_another_picture():
+    images = [[shape_image(c)] for c in ("red", "blue", "green", "yellow", "black", "purple", "orange")]
+    keys = ["colour?", "count?", "colour?", "count?", "colour?", "unique", "count?"]
+    for seed in range(20):
+        blind = evaluation.shuffled(images, keys, seed)
+        donors = [next(k for k, own in enumerate(images) if b[0] is own[0]) for b in blind]
+        assert all(d != i for i, d in enumerate(donors))
+        # the same question; the lone "unique" joins a group (one there gets its image) rather than keep its own
+        assert all(keys[d] in (keys[i], "unique") for i, d in enumerate(donors) if keys[i] != "unique")
+        assert sum(keys[d] != keys[i] for i, d in enumerate(donors)) == 2
+    lone = evaluation.shuffled(images[:3], ["a", "b", "b"])  # the one "a" joins the "b"s rather than keep its own
+    assert all(b[0] is not own[0] for b, own in zip(lone, images[:3]))
+
+
+def test_a_blind_of_your_own_replaces_every_image(tiny_checkpoint, shapes_data, tmp_path):
+    argv = ["--model", str(tiny_checkpoint), "--dataset", str(shapes_data["sft_test"]), "--limit", "3"]
+    result = evaluate_vlm.main([*argv, "--max_new_tokens", "2", "--blind", "qwen_siglip.synthetic:empty_scene",
+                                "--output_dir", str(tmp_path)])  # fmt: skip
+    assert set(result["summary"]["blind"]) == {"empty_scene"}
+    with pytest.raises(SystemExit):
+        evaluate_vlm.main([*argv, "--blind", "grey"])  # neither built in nor module:function
+    name, blind = evaluation.load_blind("qwen_siglip.synthetic:empty_scene")
+    swapped = evaluation.blind_images(blind, [[shape_image()], [shape_image(), shape_image()]], keys=["q", "q"])
+    assert [len(s) for s in swapped] == [1, 2] and all(len(i.getcolors()) == 1 for s in swapped for i in s)
+
+
+def valid_answers(question: str) -> set[str]:
+    """Every answer the synthetic world has for this question's type, normalised: what a real guess looks like."""
+    kind, lang = synthetic.QUESTION_TYPE[question]
+    return {metrics.normalize_answer(synthetic.ZH.get(v, v) if lang == "zh" else v) for v in synthetic.ANSWERS[kind]}
+
+
+def test_trained_default_beats_a_fair_blind_baseline(quickstart_run, tmp_path):
+    """On unseen layouts, the trained default beats another held-out image by a wide margin, and that baseline is a
+    fair one: the model answers each question with a real answer about the wrong picture (a baseline that makes the
+    model write junk would be beaten trivially, and fails here)."""
     data = quickstart_run["checkpoint"].parent / "data" / "sft_test.jsonl"
-    result = evaluate_vlm.main(["--model", str(quickstart_run["checkpoint"]), "--dataset", str(data), "--limit", "48",
-                            "--output_dir", str(tmp_path)])  # fmt: skip
-    summary = result["summary"]
-    assert summary["exact_match"] >= 0.85 and summary["exact_match"] >= summary["blind_exact_match"] + 0.5
+    result = evaluate_vlm.main(["--model", str(quickstart_run["checkpoint"]), "--dataset", str(data), "--limit", "64",
+                                "--blind", "shuffled", "--output_dir", str(tmp_path)])  # fmt: skip
+    summary, predictions = result["summary"], result["predictions"]
+    guesses = [metrics.normalize_answer(p["blind"]["shuffled"]["prediction"]) for p in predictions]
+    real = sum(g in valid_answers(p["question"]) for g, p in zip(guesses, predictions)) / len(predictions)
+    assert real >= 0.9, f"only {real:.0%} of the blind answers are answers at all"
+    assert summary["exact_match"] >= 0.85 and summary["exact_match"] >= summary["blind_exact_match"] + 0.4
+
+
+def test_the_page_puts_wrong_examples_first_and_escapes_what_it_shows(tmp_path):
+    def prediction(question: str, right: bool) -> dict:
+        blind = {"prediction": "<b>red</b>", "exact_match": False, "cider": 0.0}
+        return {"question": question, "reference": "red", "prediction": "red" if right else "blue",
+                "exact_match": right, "cider": 1.0, "blind": {"shuffled": blind}}  # fmt: skip
+
+    predictions = [prediction("q1 <script>alert(1)</script>", True), prediction("q2", False), prediction("q3", True)]
+    summary = {"examples": 3, "exact_match": 2 / 3, "cider": 1.0, "skipped": {}, "blind": {"shuffled": {
+        "exact_match": 0.0, "cider": 0.0}}}  # fmt: skip
+    images = [[shape_image("red")], [shape_image("blue")], [shape_image("green", size=400)]]
+    page = gallery.write_page(tmp_path / "p.html", {"summary": summary, "predictions": predictions, "images": images},
+                              "model on test.jsonl").read_text()  # fmt: skip
+    assert page.index("q2") < page.index("q1") < page.index("q3")  # wrong first, then in order
+    assert "<script>" not in page and "&lt;script&gt;" in page and "&lt;b&gt;red" in page
+    assert page.count("<figure") == 3 and page.count('class="wrong"') == 1
+    assert page.count("data:image/png;base64,") == 2 and page.count("data:image/jpeg;base64,") == 1  # photo: JPEG
+    assert 'data-examples="3" data-right="2" data-shown="3"' in page and "66.7%" in page
+    limited = gallery.write_page(tmp_path / "q.html", {"summary": summary, "predictions": predictions,
+                                 "images": images}, "t", limit=1).read_text()  # fmt: skip
+    assert limited.count("<figure") == 1 and "q2" in limited and 'data-shown="1"' in limited
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+    from test_app import CHROMIUM, CHROMIUM_ARGS  # the app's browser tests' Chromium and its settings
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def test_quickstart_pages_show_every_example_with_its_image_and_the_scores_of_summary_json(quickstart_run, browser):
+    """Each held-out split's page (questions and captions) opens in Chromium with every image loaded, its counts
+    equal to summary.json's, wrong examples first, nothing fetched from anywhere and no path of this machine."""
+    checkpoint = quickstart_run["checkpoint"]
+    machine = {str(ROOT), str(checkpoint.resolve().parent), os.path.expanduser("~"), "file://"}
+    requests = []  # every URL any page asks for
+    for split in synthetic.SPLITS:
+        for task, metric in (("questions", "exact_match"), ("captions", "caption_correct")):
+            folder = checkpoint / "eval" / split / task
+            summary, html = json.loads((folder / "summary.json").read_text()), (folder / "examples.html").read_text()
+            assert not [m for m in machine if m in html], f"{split} {task}: the page names a path of this machine"
+            page = browser.new_page()
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto((folder / "examples.html").as_uri())
+            counts = page.locator("#counts")
+            examples, right = int(counts.get_attribute("data-examples")), int(counts.get_attribute("data-right"))
+            assert examples == summary["examples"] and right == round(summary[metric] * examples), (split, task)
+            assert page.locator("figure").count() == examples == int(counts.get_attribute("data-shown"))
+            verdicts = page.locator("figure").evaluate_all("fs => fs.map(f => f.className)")
+            assert verdicts == ["wrong"] * (examples - right) + ["right"] * right
+            loaded = page.locator("img").evaluate_all("imgs => imgs.map(i => i.complete && i.naturalWidth > 0)")
+            assert len(loaded) == examples and all(loaded), f"{split} {task}: an image did not load"
+            assert not [u for u in requests if not u.startswith(("file:", "data:"))], requests
+            page.close()
 
 
 # --- hostile input, remote code, results on the Hub -------------------------------------------------------------
@@ -165,8 +284,12 @@ def test_scorers_add_a_metric_with_its_blind_baseline(tiny_checkpoint, shapes_da
     result = evaluate_vlm.main([*argv, "--max_new_tokens", "2", "--scorer", "qwen_siglip.synthetic:caption_correct",
                             "--output_dir", str(tmp_path)])  # fmt: skip
     p = result["predictions"]
-    assert all(isinstance(x["caption_correct"], bool) and isinstance(x["blind_caption_correct"], bool) for x in p)
-    assert result["summary"]["caption_correct"] == sum(x["caption_correct"] for x in p) / 3
+    assert all(isinstance(x["caption_correct"], bool) for x in p)
+    assert all(isinstance(b["caption_correct"], bool) for x in p for b in x["blind"].values())
+    summary = result["summary"]
+    assert summary["caption_correct"] == sum(x["caption_correct"] for x in p) / 3
+    assert summary["blind"]["blank"]["caption_correct"] == sum(x["blind"]["blank"]["caption_correct"] for x in p) / 3
+    assert summary["blind_caption_correct"] == max(b["caption_correct"] for b in summary["blind"].values())
     with pytest.raises(SystemExit):
         evaluate_vlm.main([*argv, "--scorer", "synthetic"])  # not module:function
 

@@ -230,8 +230,9 @@ def recording_reward(prompts, completions, completion_ids, solution, **kwargs) -
 def test_grpo_generates_through_our_generate_with_images_cache_and_stops(tiny_checkpoint, toy, tmp_path, monkeypatch):
     processor = QwenSiglipProcessor.from_pretrained(tiny_checkpoint)
     im_end, image = processor.tokenizer.convert_tokens_to_ids([END, processor.image_token])
-    # Push both up: <|im_end|> then ends most answers early; <|image_pad|> would be everywhere unless suppressed.
-    bias = json.dumps({"sequence_bias": [[[im_end], 3.0], [[image], 8.0]]})
+    # Push both up, enough to beat the ~150k other tokens of a near-uniform tiny model: <|im_end|> then ends most
+    # answers within a few tokens (whatever the weights), <|image_pad|> would be everywhere unless suppressed.
+    bias = json.dumps({"sequence_bias": [[[im_end], 12.0], [[image], 12.0]]})
     argv = stage_args("grpo", tiny_checkpoint, toy, tmp_path, "--max_steps", "1", "--per_device_train_batch_size",
                       "8", "--global_batch_size", "8", "--max_completion_length", "6", "--generation_kwargs", bias,
                       "--reward_funcs", "test_stage3:recording_reward")  # fmt: skip

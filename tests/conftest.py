@@ -4,6 +4,7 @@ Everything is built offline in temporary folders; nothing here is downloaded.
 """
 
 import os
+import socket
 import subprocess
 import sys
 import warnings
@@ -20,6 +21,22 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from qwen_siglip.compose import compose  # noqa: E402
 from qwen_siglip.tiny import save_tiny_bases  # noqa: E402
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    """A port nobody listens on now: a fixed one fails the test whenever something else holds it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    """`torchrun --nproc_per_node N` on a free port, from this interpreter."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(free_port())]  # fmt: skip
+
 
 # ----------------------------------------------------------------------------- deprecations we cause
 
@@ -162,10 +179,43 @@ def shapes_data(tmp_path_factory) -> dict[str, Path]:
     return synthetic.make_shapes_dataset(out, n_pretrain=32, n_sft=32, n_test=8, image_size=32)
 
 
+QUICKSTART_TIMEOUT_S = 3600
+
+
+def uses_quickstart(item: pytest.Item) -> bool:
+    return "quickstart_run" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that read the embedded default's run go last: the run trains in the background meanwhile."""
+    items.sort(key=uses_quickstart)  # stable: the order within each part stays
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quickstart_in_background(request, tmp_path_factory):
+    """`python quickstart.py` in its own process from the suite's start, when a selected test needs it: the longest
+    single piece of the suite, it overlaps the rest. One thread, so it takes one of two cores, not both.
+
+    Yields (process, out folder, log) or None; the process is killed if the session ends first."""
+    if os.environ.get("QWEN_SIGLIP_QUICKSTART") or not any(map(uses_quickstart, request.session.items)):
+        yield None
+        return
+    out = tmp_path_factory.mktemp("quickstart")
+    log = out.parent / "quickstart.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "quickstart.py"), "--out", str(out)], cwd=ROOT, env=env,
+                                stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
+    yield proc, out, log
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture(scope="session")
-def quickstart_run(tmp_path_factory) -> dict:
-    """The embedded default exactly as `make quickstart` runs it: both stages through the real scripts, then held-out
-    evaluation, so the README's claims are what CI checks.
+def quickstart_run(quickstart_in_background) -> dict:
+    """The embedded default exactly as `make quickstart` runs it: `quickstart.py` (both stages through the real
+    scripts, then held-out evaluation), so the README's claims are what CI checks.
 
     Returns quickstart's summary (`splits`: {split: {task: scores}}, `seconds`) plus `checkpoint`, the trained stage-2
     folder (tests may read, never modify it), whose `eval/<split>/<task>/` holds each evaluation's files and page.
@@ -174,13 +224,18 @@ def quickstart_run(tmp_path_factory) -> dict:
     """
     import json
 
-    import quickstart
-
     if reuse := os.environ.get("QWEN_SIGLIP_QUICKSTART"):
         return {**json.loads((Path(reuse) / "summary.json").read_text()), "checkpoint": Path(reuse) / "sft"}
-    out = tmp_path_factory.mktemp("quickstart")
-    summary = quickstart.main(["--out", str(out)])
-    return {**summary, "checkpoint": out / "sft"}
+    proc, out, log = quickstart_in_background
+    try:
+        proc.wait(timeout=QUICKSTART_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.returncode != 0:
+        tail = log.read_text()[-4000:]
+        pytest.fail(f"quickstart.py failed (exit {proc.returncode}); the end of its output:\n{tail}")
+    return {**json.loads((out / "summary.json").read_text()), "checkpoint": out / "sft"}
 
 
 # ----------------------------------------------------------------------------- the real Qwen tokenizer

@@ -8,7 +8,6 @@ import base64
 import contextlib
 import ctypes
 import io
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import free_port
 
 # One thread: the tiny models gain nothing from more, and llama.cpp's threads spin-wait for each other, which on a
 # machine busy with other jobs costs far more than it saves.
@@ -113,12 +113,6 @@ def our_image_features(model, processor, image) -> np.ndarray:
     pixel_values = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         return model.get_image_features(pixel_values=pixel_values).pooler_output[0].float().numpy()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

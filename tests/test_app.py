@@ -10,7 +10,6 @@ import base64
 import inspect
 import os
 import shutil
-import socket
 import struct
 import threading
 import time
@@ -18,7 +17,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, shape_image
+from conftest import ROOT, free_port, shape_image
 
 import app
 from qwen_siglip import chat
@@ -201,12 +200,6 @@ def test_stream_answer_stops_when_the_consumer_goes_away(tiny):
 
 
 # --- end to end, in headless Chromium --------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

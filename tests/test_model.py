@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from conftest import build_tiny, shape_image, user_turn
+from conftest import build_tiny, shape_image, torchrun, user_turn
 from transformers import TextIteratorStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -181,18 +181,16 @@ def test_two_ranks_train_the_vision_tower_with_activation_checkpointing(tiny_che
     # fast setting; TRL 1.16 turns the search on for VLMs unless told), any trainable parameter that gets no
     # gradient (SigLIP's post_layernorm, when features come from hidden_states) fails DDP at step 2.
     import subprocess
-    import sys
 
     from conftest import CPU_RUN, ROOT
 
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
     args = ["sft", "--model_name_or_path", str(tiny_checkpoint), "--dataset_name", str(shapes_data["sft_train"]),
             "--output_dir", str(tmp_path / "ddp"), *CPU_RUN, "--activation_checkpointing", "true",
             "--train_modules", "projector", "language_model", "vision_tower", "--max_steps", "3",
             "--per_device_train_batch_size", "2", "--global_batch_size", "4", "--ddp_backend", "gloo",
             "--ddp_find_unused_parameters", "false"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "QS_DUMP_WEIGHTS": str(tmp_path)}
-    cmd = [*torchrun, str(ROOT / "tests" / "stage_runner.py"), *args]
+    cmd = [*torchrun(), str(ROOT / "tests" / "stage_runner.py"), *args]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")

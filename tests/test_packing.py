@@ -2,13 +2,12 @@
 
 import copy
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import CPU_RUN, ROOT, run_stage, shape_image
+from conftest import CPU_RUN, ROOT, run_stage, shape_image, torchrun
 from safetensors.torch import load_file
 from trl.trainer.utils import add_fused_lm_head
 
@@ -243,10 +242,9 @@ def test_packed_training_is_resumable_after_sigkill(tiny_checkpoint, shapes_data
 
 
 def test_packed_training_on_two_cpu_ranks_ends_with_identical_weights(tiny_checkpoint, shapes_data, tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"]
     steps = ["--max_steps", "3", "--per_device_train_batch_size", "1", "--global_batch_size", "2"]
     args = sft_args(tiny_checkpoint, shapes_data, tmp_path / "ddp", *steps, "--ddp_backend", "gloo")
-    result = run_stage(args, {"QS_DUMP_WEIGHTS": str(tmp_path)}, launcher=torchrun)
+    result = run_stage(args, {"QS_DUMP_WEIGHTS": str(tmp_path)}, launcher=torchrun())
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert rank0.keys() == rank1.keys() and len(rank0) > 0

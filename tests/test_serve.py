@@ -8,7 +8,6 @@ consulted, even with `--trust-remote-code`. The export is plain LLaVA and is ser
 import base64
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,19 +16,13 @@ import urllib.request
 import openai
 import pytest
 import torch
-from conftest import shape_image, user_turn
+from conftest import free_port, shape_image, user_turn
 
 from qwen_siglip.llava import export
 
 QUESTION = "What colour is the shape?"
 MAX_NEW_TOKENS = 12
 READY_TIMEOUT_S = 60  # the tiny export is up in about 8 s on 2 busy CPU cores
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until_ready(server: subprocess.Popen, url: str, log_path) -> None:

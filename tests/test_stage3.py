@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CPU_RUN, ROOT, run_stage, shape_image
+from conftest import CPU_RUN, ROOT, run_stage, shape_image, torchrun
 from safetensors.torch import load_file
 from test_training import FAKE_TOKEN, files_the_push_uploads, mock_hub
 from transformers import TrainerCallback
@@ -336,11 +336,9 @@ def test_resume_after_sigkill_reaches_the_weights_of_an_unbroken_run(stage, tiny
 
 @pytest.mark.parametrize("stage", ["dpo", "grpo"])
 def test_two_gloo_ranks_end_identical(stage, tiny_checkpoint, toy, tmp_path):
-    port = {"dpo": "29541", "grpo": "29542"}[stage]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     ranks = ["--per_device_train_batch_size", "4", "--global_batch_size", "8", "--ddp_backend", "gloo"]
     args = [stage, *stage_args(stage, tiny_checkpoint, toy, tmp_path / "out", *ranks)]
-    result = run_stage(args, {"QS_DUMP_WEIGHTS": str(tmp_path), "QS_DUMP_ARGS": str(tmp_path)}, launcher=torchrun)
+    result = run_stage(args, {"QS_DUMP_WEIGHTS": str(tmp_path), "QS_DUMP_ARGS": str(tmp_path)}, launcher=torchrun())
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
         seen = json.loads((tmp_path / f"args{rank}.json").read_text())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CPU_RUN, ROOT, RUNNER, build_tiny, chat, run_stage, shape_image
+from conftest import CPU_RUN, ROOT, RUNNER, build_tiny, chat, free_port, run_stage, shape_image, torchrun
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 from trl import SFTConfig
@@ -303,9 +303,8 @@ def test_global_batch_counts_the_processes_the_launcher_started(tmp_path, monkey
 
 
 def test_two_cpu_ranks_end_with_identical_weights(stage1, shapes_data, tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
     args = sft_args(stage1, shapes_data, tmp_path / "ddp", "--max_steps", "2", *TWO_RANKS)
-    result = run_stage(args, dumps(tmp_path), launcher=torchrun)
+    result = run_stage(args, dumps(tmp_path), launcher=torchrun())
     assert result.returncode == 0, result.stderr[-3000:]
     assert_ranks_agree(tmp_path)
     assert changed(weights(stage1), weights(tmp_path / "ddp"), "model.language_model.")  # and they did train
@@ -315,7 +314,7 @@ def test_accelerate_launch_with_two_cpu_processes_accumulates_for_both(stage1, s
     # `--multi_gpu` on a machine without a GPU starts real gloo ranks (`--cpu --num_processes 2` starts one).
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                  "--main_process_port", "29534"]  # fmt: skip
+                  "--main_process_port", str(free_port())]  # fmt: skip
     args = sft_args(stage1, shapes_data, tmp_path / "acc", "--max_steps", "1", *TWO_RANKS)
     result = run_stage(args, dumps(tmp_path), launcher=accelerate)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -326,11 +325,11 @@ def test_two_nodes_rendezvous_on_loopback_and_end_with_identical_weights(stage1,
     """Two torchrun launches as two one-process "nodes", as recipes/slurm runs one launch per node."""
     args = sft_args(stage1, shapes_data, tmp_path / "nodes", "--max_steps", "1", *TWO_RANKS)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **dumps(tmp_path)}
-    nodes = []
+    nodes, port = [], str(free_port())
     for node_rank in (0, 1):
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-                    "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", "29535"]  # fmt: skip
-        nodes.append(subprocess.Popen([*torchrun, RUNNER, *args], env=env, stdout=subprocess.PIPE,
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                    "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", port]  # fmt: skip
+        nodes.append(subprocess.Popen([*launcher, RUNNER, *args], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))  # fmt: skip
     results = [(node.communicate(timeout=600), node.returncode) for node in nodes]
     for (_, stderr), returncode in results:
@@ -343,9 +342,8 @@ def test_fsdp2_shards_our_model_on_cpu_and_saves_it_whole(tiny_bases, tmp_path):
     ranks, the same weights as one process on the whole batch, and an exact save and reload."""
     import fsdp2_runner
 
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29536"]
     runner = str(ROOT / "tests" / "fsdp2_runner.py")
-    cmd = [*torchrun, runner, *map(str, tiny_bases), str(tmp_path)]
+    cmd = [*torchrun(), runner, *map(str, tiny_bases), str(tmp_path)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -234,22 +234,41 @@ def run_stage3(args: argparse.Namespace, out: Path) -> dict:
 
 
 def stage3_table(summary: dict) -> str:
-    """Markdown, one row per split and model: questions (and the kind GRPO trained on), captions right, captions
-    hallucinating."""
-    kind, method = summary["kind"], summary["method"]
+    """Markdown, one row per split and model: questions (all, then each kind; * marks the kind GRPO trained on),
+    captions right, captions hallucinating."""
+    method, kind, kinds = summary["method"], summary["kind"], synthetic.KINDS
     run, sft = (
         f"{b['steps']} steps x {b['examples'] // max(1, b['steps'])} records" for b in summary["budgets"].values()
     )
     lines = [f"Stage 3 ({method}, seed {summary['seed']}): {run}; the SFT baseline {sft}, from the same checkpoint; "
              f"both trained in {summary['seconds']:.0f} s", "",
-             "| split | model | questions |" + (f" {kind} questions |" if kind else "")
-             + " captions right | captions hallucinating |", "|---" * (5 + bool(kind)) + "|"]  # fmt: skip
+             "| split | model | questions | " + " | ".join(k + "*" * (k == kind) for k in kinds)
+             + " | captions right | captions hallucinating |", "|---" * (5 + len(kinds)) + "|"]  # fmt: skip
     for split in synthetic.SPLITS:
         for name, scores in summary["models"].items():
             s = scores[split]
-            cells = [s["questions"], *([s[kind]] if kind else []), s["captions"], s["hallucination"]]
+            cells = [s["questions"], *(s.get(k, float("nan")) for k in kinds), s["captions"], s["hallucination"]]
             lines.append(f"| {split} | {name} | " + " | ".join(f"{c:.1%}" for c in cells) + " |")
     return "\n".join(lines)
+
+
+def stage3_seeds(summaries: list[dict], method: str, out: Path) -> dict:
+    """One stage-3 run per seed -> out/stage3-<method>-seeds.md: per split and model, each seed's captions right /
+    hallucinating (DPO) or questions of the kind GRPO trained on (GRPO)."""
+    command = f"python quickstart.py --seeds {' '.join(str(s['seed']) for s in summaries)} --stage3 {method}"
+    cells = {"dpo": lambda s, _: f"{s['captions']:.1%} / {s['hallucination']:.1%}",
+             "grpo": lambda s, kind: f"{kind} {s[kind]:.1%}, all {s['questions']:.1%}"}[method]  # fmt: skip
+    what = "captions right / hallucinating" if method == "dpo" else "questions of the kind trained on, and all"
+    lines = [f"Stage 3 ({method}) per seed (`{command}`): {what}", "",
+             "| split | model | " + " | ".join(f"seed {s['seed']}" for s in summaries) + " |",
+             "|---" * (2 + len(summaries)) + "|"]  # fmt: skip
+    for split in synthetic.SPLITS:
+        for model in summaries[0]["models"]:
+            row = [cells(s["models"][model][split], s["kind"]) for s in summaries]
+            lines.append(f"| {split} | {model} | " + " | ".join(row) + " |")
+    (out / f"stage3-{method}-seeds.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines) + f"\nwritten to {out / f'stage3-{method}-seeds.md'}")
+    return {"seeds": summaries}
 
 
 def seeds_table(summaries: list[dict]) -> str:
@@ -267,13 +286,12 @@ def seeds_table(summaries: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
-    if args.stage3 and args.seeds:
-        raise SystemExit("--stage3 runs one seed (--seed N); run it once per seed")
-    if args.stage3:
-        return run_stage3(args, out)
+    once = run_stage3 if args.stage3 else run
     if not args.seeds:
-        return run(args, out)
-    summaries = [run(argparse.Namespace(**{**vars(args), "seed": seed}), out / f"seed-{seed}") for seed in args.seeds]
+        return once(args, out)
+    summaries = [once(argparse.Namespace(**{**vars(args), "seed": seed}), out / f"seed-{seed}") for seed in args.seeds]
+    if args.stage3:
+        return stage3_seeds(summaries, args.stage3, out)
     command = "python quickstart.py --seeds " + " ".join(map(str, args.seeds))
     table_md = (f"Held-out accuracy per seed (`{command}`); in brackets the higher of the two blind baselines, and "
                 f"chance\n\n{seeds_table(summaries)}\n")  # fmt: skip

@@ -146,4 +146,4 @@ def test_stage3_runs_end_to_end_and_its_sft_baseline_has_the_same_steps_and_exam
             assert f"| {split} | {model} | " in table
     assert set(summary["models"]) == set(models)
     if method == "grpo":  # it trained on the kind stage 2 got most wrong
-        assert summary["kind"] in synthetic.KINDS and f"{summary['kind']} questions" in table
+        assert summary["kind"] in synthetic.KINDS and f" {summary['kind']}* |" in table

@@ -231,11 +231,15 @@ def summarize(predictions: dict) -> dict:
 # ----------------------------------------------------------------------------- the budget
 
 
+def card_settings(run: Path) -> dict[str, str]:
+    """The settings table of a finished run's model card (card.settings_table: its real arguments and state)."""
+    return dict(re.findall(r"^\| ([^|]+?) \| ([^|]+?) \|$", (run / "README.md").read_text(), re.MULTILINE))
+
+
 def budget(run: Path) -> dict[str, int]:
-    """{steps, examples}: the optimizer steps a finished run took and the training records it saw, read from the
-    settings table of its model card (written from the run's real arguments and state). A GRPO step's global batch
-    counts answers, `num_generations` per prompt: its records are the prompts."""
-    rows = dict(re.findall(r"^\| ([^|]+?) \| ([^|]+?) \|$", (run / "README.md").read_text(), re.MULTILINE))
+    """{steps, examples}: the optimizer steps a finished run took and the training records it saw, from its model
+    card. A GRPO step's global batch counts answers, `num_generations` per prompt: its records are the prompts."""
+    rows = card_settings(run)
     steps, batch = int(rows["epochs / steps"].split(" / ")[1]), int(rows["global batch"])
     per_prompt = int(rows.get("answers per prompt / max answer tokens", "1 / 0").split(" / ")[0])
     return {"steps": steps, "examples": steps * batch // per_prompt}

@@ -139,6 +139,13 @@ def test_stage3_runs_end_to_end_and_its_sft_baseline_has_the_same_steps_and_exam
     # read back from what each run wrote (its model card's settings), not from what quickstart asked for
     assert shapes_stage3.budget(out / method) == shapes_stage3.budget(out / f"{method}-sft")
     assert shapes_stage3.budget(out / method) == {"steps": 2, "examples": 2 * per_step}
+    # from the same checkpoint, at the same learning rate and schedule, training the same modules
+    stage3_card, sft_card = (
+        shapes_stage3.card_settings(out / method),
+        shapes_stage3.card_settings(out / f"{method}-sft"),
+    )
+    for setting in ("started from", "learning rate", "schedule", "modules trained"):
+        assert stage3_card[setting] == sft_card[setting], setting
     table = (out / f"stage3-{method}.md").read_text()
     models = ("stage 2", f"+ {method.upper()}", "+ SFT, same budget")
     for split in synthetic.SPLITS:

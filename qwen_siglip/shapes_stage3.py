@@ -10,10 +10,11 @@ Notable:
 - GRPO prompts: questions of one kind (the one stage 2 gets most wrong on the held-out splits, `weakest_kind`), about
   one-shape training scenes, answers balanced, English and Chinese, as stage 2 asked them.
 - The matched SFT baseline trains on the same records (the chosen caption; the question and its answer), from the
-  same checkpoint, for the same optimizer steps and examples per step: `budget` reads both runs' trainer_state.json.
+  same checkpoint, for the same optimizer steps and examples per step: `budget` reads both from each run's model card.
 - `hallucinated(prediction, reference)` lists what a caption names that the picture does not hold (the reference
-  caption says what the picture holds): a colour, a shape, a cell, a coloured shape (colour and shape together), or
-  a count (a wrong number word, or more shapes described than there are). Leaving something out is not a
+  caption says what the picture holds): a colour, a shape, a cell with no shape in it, a coloured shape (colour and
+  shape together), or a count (a wrong number word, or more shapes described than there are). Attributes only: two
+  shapes' cells swapped name nothing absent. Leaving something out is not a
   hallucination; `synthetic.caption_correct` counts that as wrong. `hallucination` is the `--scorer` form.
 """
 

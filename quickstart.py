@@ -195,10 +195,16 @@ def stage3_data(method: str, out: Path, records: int, seed: int) -> tuple[Path, 
     return prompts, prompts, kind
 
 
+def records_per_step(recipe: dict, method: str) -> int:
+    """Training records per optimizer step: a DPO step's batch counts pairs, a GRPO step's counts answers,
+    num_generations per prompt, so its records are the prompts."""
+    return recipe["global_batch_size"] // (recipe["num_generations"] if method == "grpo" else 1)
+
+
 def matched_sft(recipe: dict, method: str) -> list[str]:
-    """train_sft.py arguments that spend stage 3's budget: its steps, records per step, learning rate, schedule and
-    trained modules (a GRPO step's batch counts answers, num_generations per prompt: its records are prompts)."""
-    per_step = recipe["global_batch_size"] // (recipe["num_generations"] if method == "grpo" else 1)
+    """train_sft.py arguments that spend stage 3's budget: its records per step, learning rate, schedule and trained
+    modules (the steps come with the arguments both runs share)."""
+    per_step = records_per_step(recipe, method)
     return ["--learning_rate", str(recipe["learning_rate"]), "--lr_scheduler_type", recipe["lr_scheduler_type"],
             "--warmup_steps", str(recipe["warmup_steps"]), "--per_device_train_batch_size", str(per_step),
             "--global_batch_size", str(per_step), "--train_modules", *recipe["train_modules"]]  # fmt: skip
@@ -209,8 +215,7 @@ def run_stage3(args: argparse.Namespace, out: Path) -> dict:
     method, data = args.stage3, stage2(args, out)
     recipe = yaml.safe_load((ROOT / "recipes" / f"quickstart_{method}.yaml").read_text())
     steps = args.stage3_steps or recipe["max_steps"]
-    per_step = recipe["global_batch_size"] // (recipe["num_generations"] if method == "grpo" else 1)
-    train_file, sft_file, kind = stage3_data(method, out, steps * per_step, args.seed)
+    train_file, sft_file, kind = stage3_data(method, out, steps * records_per_step(recipe, method), args.seed)
     common = ["--model_name_or_path", str(out / "sft"), "--seed", str(args.seed), "--max_steps", str(steps)]
     t0 = time.time()
     stage(f"stage 3 ({method})", f"train_{method}.py", f"quickstart_{method}.yaml", out / f"{method}.log",

@@ -2,6 +2,8 @@
 
     python quickstart.py                # or: make quickstart
     python quickstart.py --seeds 0 1 2  # one run per seed, then a table of the held-out scores over seeds
+    python quickstart.py --stage3 dpo   # then stage 3 beside the same budget of more SFT (reuses a finished stage 2)
+    python quickstart.py --stage3 grpo
 
 1. draws a synthetic image set (coloured shapes; stage-1 captions, stage-2 questions in English and Chinese about
    colour, shape, position and count) and three held-out splits of questions and captions: `seen`,
@@ -11,7 +13,11 @@
 4. scores every split with `evaluate_vlm.py --html`, which loads the result with `AutoModelForCausalLM` /
    `AutoProcessor`: exact match for questions, every colour, shape, position and count word right for captions
    (`synthetic.caption_correct`), each beside two blind baselines (another held-out image; a shape-free image on
-   a training background) and chance, in one table, and a page of examples per split and task.
+   a training background) and chance, in one table, and a page of examples per split and task;
+5. with `--stage3 dpo|grpo`: trains stage 3 from that stage 2 (`train_dpo.py`/`train_grpo.py` with
+   `recipes/quickstart_<dpo|grpo>.yaml`) on data drawn from training configurations only, and `train_sft.py` from
+   the same checkpoint on the same records for the same steps and examples per step, then scores all three on the
+   held-out splits (`qwen_siglip/shapes_stage3.py` says what the data and the scores are) in out/stage3-<method>.md.
 """
 
 import argparse
@@ -23,7 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-from qwen_siglip import synthetic
+import yaml
+
+from qwen_siglip import shapes_stage3, synthetic
 from qwen_siglip.tiny import save_tiny_bases
 
 ROOT = Path(__file__).resolve().parent
@@ -32,7 +40,7 @@ ROOT = Path(__file__).resolve().parent
 # The tiny bases: 128 wide, with random weights of std ~1/sqrt(width) instead of Qwen's 0.02 (see tiny.py); the
 # README's quickstart section says why, with the commands that compare them.
 BASES = dict(hidden=128, layers=2, heads=4, initializer_range=0.08)
-STEP = re.compile(r"step (\d+)/(\d+) loss ([\d.]+)")  # trainer.ProgressLog's line
+STEP = re.compile(r"step (\d+)/(\d+) loss (-?[\d.]+)")  # trainer.ProgressLog's line
 
 
 def stage(title: str, script: str, recipe: str, log: Path, *args: str) -> None:
@@ -75,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--seeds", type=int, nargs="+", help="run each seed in <out>/seed-N, then write <out>/seeds.md"
     )
+    parser.add_argument("--stage3", choices=["dpo", "grpo"], help="then stage 3 and the same budget of SFT")
+    parser.add_argument("--stage3-steps", type=int, default=None, help="override the stage-3 recipe's max_steps")
     return parser.parse_args(argv)
 
 
@@ -161,6 +171,111 @@ def run(args: argparse.Namespace, out: Path) -> dict:
     return summary
 
 
+def stage2(args: argparse.Namespace, out: Path) -> dict[str, Path]:
+    """The data files of a finished stage 2 in `out` (data/ and sft/ as `run` leaves them), after running it if there
+    is none."""
+    if (out / "sft" / "model.safetensors").exists() and (out / "data").is_dir():
+        print(f"reusing the finished stage 2 in {out} (its data, sft/ and sft/eval/)")
+    else:
+        run(args, out)
+    names = [synthetic.heldout_name(split, task) for split in synthetic.SPLITS for task in TASKS]
+    return {name: out / "data" / f"{name}.jsonl" for name in names}
+
+
+def stage3_data(method: str, out: Path, records: int, seed: int) -> tuple[Path, Path, str | None]:
+    """(stage 3's training file, the matched SFT baseline's, the question kind GRPO trains on): DPO pairs, or GRPO
+    questions of the kind stage 2 gets most wrong on the held-out splits."""
+    folder = out / "data" / f"stage3-{method}"
+    if method == "dpo":
+        files = shapes_stage3.write_pairs(folder, records, seed)
+        return files["pairs"], files["sft"], None
+    before = shapes_stage3.read_predictions(out / "sft" / "eval", ["questions"])
+    kind = shapes_stage3.weakest_kind({s: shapes_stage3.kind_scores(t["questions"]) for s, t in before.items()})
+    prompts = shapes_stage3.write_prompts(folder, records, kind, seed)
+    return prompts, prompts, kind
+
+
+def records_per_step(recipe: dict, method: str) -> int:
+    """Training records per optimizer step: a DPO step's batch counts pairs, a GRPO step's counts answers,
+    num_generations per prompt, so its records are the prompts."""
+    return recipe["global_batch_size"] // (recipe["num_generations"] if method == "grpo" else 1)
+
+
+def matched_sft(recipe: dict, method: str) -> list[str]:
+    """train_sft.py arguments that spend stage 3's budget: its records per step, learning rate, schedule and trained
+    modules (the steps come with the arguments both runs share)."""
+    per_step = records_per_step(recipe, method)
+    return ["--learning_rate", str(recipe["learning_rate"]), "--lr_scheduler_type", recipe["lr_scheduler_type"],
+            "--warmup_steps", str(recipe["warmup_steps"]), "--per_device_train_batch_size", str(per_step),
+            "--global_batch_size", str(per_step), "--train_modules", *recipe["train_modules"]]  # fmt: skip
+
+
+def run_stage3(args: argparse.Namespace, out: Path) -> dict:
+    """Stage 3 and its matched SFT baseline from the stage 2 in `out`, all three scored on the held-out splits."""
+    method, data = args.stage3, stage2(args, out)
+    recipe = yaml.safe_load((ROOT / "recipes" / f"quickstart_{method}.yaml").read_text())
+    steps = args.stage3_steps or recipe["max_steps"]
+    train_file, sft_file, kind = stage3_data(method, out, steps * records_per_step(recipe, method), args.seed)
+    common = ["--model_name_or_path", str(out / "sft"), "--seed", str(args.seed), "--max_steps", str(steps)]
+    t0 = time.time()
+    stage(f"stage 3 ({method})", f"train_{method}.py", f"quickstart_{method}.yaml", out / f"{method}.log",
+          "--dataset_name", str(train_file), "--output_dir", str(out / method), *common)  # fmt: skip
+    stage("the same budget of SFT", "train_sft.py", "quickstart_sft.yaml", out / f"{method}-sft.log",
+          "--dataset_name", str(sft_file), "--output_dir", str(out / f"{method}-sft"), *common,
+          *matched_sft(recipe, method))  # fmt: skip
+    seconds = time.time() - t0
+    tokens = {task: spec[1] for task, spec in TASKS.items()}
+    models = {"stage 2": shapes_stage3.summarize(shapes_stage3.read_predictions(out / "sft" / "eval", TASKS))}
+    for name, folder in ((f"+ {method.upper()}", out / method), ("+ SFT, same budget", out / f"{method}-sft")):
+        with quiet(out / "evaluate.log"):
+            models[name] = shapes_stage3.score_heldout(folder, data, tokens, folder / "eval")
+    budgets = {name: shapes_stage3.budget(out / name) for name in (method, f"{method}-sft")}
+    summary = dict(method=method, seed=args.seed, kind=kind, budgets=budgets, seconds=seconds, models=models)
+    (out / f"stage3-{method}.json").write_text(json.dumps(summary, indent=2))
+    text = stage3_table(summary)
+    (out / f"stage3-{method}.md").write_text(text + "\n")
+    print(f"\r{text}\nwritten to {out / f'stage3-{method}.md'}")
+    return summary
+
+
+def stage3_table(summary: dict) -> str:
+    """Markdown, one row per split and model: questions (all, then each kind; * marks the kind GRPO trained on),
+    captions right, captions hallucinating."""
+    method, kind, kinds = summary["method"], summary["kind"], synthetic.KINDS
+    run, sft = (
+        f"{b['steps']} steps x {b['examples'] // max(1, b['steps'])} records" for b in summary["budgets"].values()
+    )
+    lines = [f"Stage 3 ({method}, seed {summary['seed']}): {run}; the SFT baseline {sft}, from the same checkpoint; "
+             f"both trained in {summary['seconds']:.0f} s", "",
+             "| split | model | questions | " + " | ".join(k + "*" * (k == kind) for k in kinds)
+             + " | captions right | captions hallucinating |", "|---" * (5 + len(kinds)) + "|"]  # fmt: skip
+    for split in synthetic.SPLITS:
+        for name, scores in summary["models"].items():
+            s = scores[split]
+            cells = [s["questions"], *(s.get(k, float("nan")) for k in kinds), s["captions"], s["hallucination"]]
+            lines.append(f"| {split} | {name} | " + " | ".join(f"{c:.1%}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def stage3_seeds(summaries: list[dict], method: str, out: Path) -> dict:
+    """One stage-3 run per seed -> out/stage3-<method>-seeds.md: per split and model, each seed's captions right /
+    hallucinating (DPO) or questions of the kind GRPO trained on (GRPO)."""
+    command = f"python quickstart.py --seeds {' '.join(str(s['seed']) for s in summaries)} --stage3 {method}"
+    cells = {"dpo": lambda s, _: f"{s['captions']:.1%} / {s['hallucination']:.1%}",
+             "grpo": lambda s, kind: f"{kind} {s[kind]:.1%}, all {s['questions']:.1%}"}[method]  # fmt: skip
+    what = "captions right / hallucinating" if method == "dpo" else "questions of the kind trained on, and all"
+    lines = [f"Stage 3 ({method}) per seed (`{command}`): {what}", "",
+             "| split | model | " + " | ".join(f"seed {s['seed']}" for s in summaries) + " |",
+             "|---" * (2 + len(summaries)) + "|"]  # fmt: skip
+    for split in synthetic.SPLITS:
+        for model in summaries[0]["models"]:
+            row = [cells(s["models"][model][split], s["kind"]) for s in summaries]
+            lines.append(f"| {split} | {model} | " + " | ".join(row) + " |")
+    (out / f"stage3-{method}-seeds.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines) + f"\nwritten to {out / f'stage3-{method}-seeds.md'}")
+    return {"seeds": summaries}
+
+
 def seeds_table(summaries: list[dict]) -> str:
     """Markdown: one row per split and task, one column per seed: accuracy (the higher blind baseline, chance)."""
     lines = ["| split | task | " + " | ".join(f"seed {s['seed']}" for s in summaries) + " |"]
@@ -176,9 +291,12 @@ def seeds_table(summaries: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
+    once = run_stage3 if args.stage3 else run
     if not args.seeds:
-        return run(args, out)
-    summaries = [run(argparse.Namespace(**{**vars(args), "seed": seed}), out / f"seed-{seed}") for seed in args.seeds]
+        return once(args, out)
+    summaries = [once(argparse.Namespace(**{**vars(args), "seed": seed}), out / f"seed-{seed}") for seed in args.seeds]
+    if args.stage3:
+        return stage3_seeds(summaries, args.stage3, out)
     command = "python quickstart.py --seeds " + " ".join(map(str, args.seeds))
     table_md = (f"Held-out accuracy per seed (`{command}`); in brackets the higher of the two blind baselines, and "
                 f"chance\n\n{seeds_table(summaries)}\n")  # fmt: skip

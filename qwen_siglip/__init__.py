@@ -28,6 +28,7 @@ package imports them, never the other way round. One job per module, from the bo
     gguf_vision  the vision half of the GGUF export: the tower and projector as llama.cpp's mmproj
     gguf_export  the GGUF export itself (`export_gguf.py`): checks, files, llama.cpp's quantiser, card, push
     synthetic    the embedded default's coloured-shapes world and its held-out splits (`quickstart.py`)
+    shapes_stage3  stage 3 on that world: pairs and prompts from training scenes, the hallucination metric
     tiny         tiny random bases saved like Hub checkpoints, for the quickstart and the tests
     cli          how the commands end on an error: a user's mistake as its message alone, a bug with its traceback
 """

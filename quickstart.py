@@ -23,12 +23,14 @@
 import argparse
 import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from qwen_siglip import shapes_stage3, synthetic
@@ -40,6 +42,10 @@ ROOT = Path(__file__).resolve().parent
 # The tiny bases: 128 wide, with random weights of std ~1/sqrt(width) instead of Qwen's 0.02 (see tiny.py); the
 # README's quickstart section says why, with the commands that compare them.
 BASES = dict(hidden=128, layers=2, heads=4, initializer_range=0.08)
+# One thread, here and in the stages it starts: a second thread sums floats in another order, which a few hundred
+# training steps carry into other answers, so the seed alone would not fix the result across machines. The tiny
+# models gain little from more.
+THREADS = 1
 STEP = re.compile(r"step (\d+)/(\d+) loss (-?[\d.]+)")  # trainer.ProgressLog's line
 
 
@@ -49,7 +55,13 @@ def stage(title: str, script: str, recipe: str, log: Path, *args: str) -> None:
     cmd = [sys.executable, str(ROOT / script), "--config", str(ROOT / "recipes" / recipe), "--disable_tqdm", "true"]
     with (
         open(log, "w") as f,
-        subprocess.Popen([*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc,
+        subprocess.Popen(
+            [*cmd, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": str(THREADS)},
+        ) as proc,
     ):
         for line in proc.stdout:
             f.write(line)
@@ -290,6 +302,7 @@ def seeds_table(summaries: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    torch.set_num_threads(THREADS)
     out = Path(args.out)
     once = run_stage3 if args.stage3 else run
     if not args.seeds:

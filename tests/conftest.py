@@ -12,6 +12,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread for torch here and in every process a test starts: the embedded default trains on the other core
+# meanwhile (quickstart_in_background), and two multi-threaded jobs on two cores slow each other far more than twice.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -194,7 +197,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def quickstart_in_background(request, tmp_path_factory):
     """`python quickstart.py` in its own process from the suite's start, when a selected test needs it: the longest
-    single piece of the suite, it overlaps the rest. One thread, so it takes one of two cores, not both.
+    single piece of the suite, it overlaps the rest (it runs on one thread).
 
     Yields (process, out folder, log) or None; the process is killed if the session ends first."""
     if os.environ.get("QWEN_SIGLIP_QUICKSTART") or not any(map(uses_quickstart, request.session.items)):
@@ -202,7 +205,7 @@ def quickstart_in_background(request, tmp_path_factory):
         return
     out = tmp_path_factory.mktemp("quickstart")
     log = out.parent / "quickstart.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, str(ROOT / "quickstart.py"), "--out", str(out)], cwd=ROOT, env=env,
                                 stdout=f, stderr=subprocess.STDOUT)  # fmt: skip

@@ -42,10 +42,6 @@ ROOT = Path(__file__).resolve().parent
 # The tiny bases: 128 wide, with random weights of std ~1/sqrt(width) instead of Qwen's 0.02 (see tiny.py); the
 # README's quickstart section says why, with the commands that compare them.
 BASES = dict(hidden=128, layers=2, heads=4, initializer_range=0.08)
-# One thread, here and in the stages it starts: a second thread sums floats in another order, which a few hundred
-# training steps carry into other answers, so the seed alone would not fix the result across machines. The tiny
-# models gain little from more.
-THREADS = 1
 STEP = re.compile(r"step (\d+)/(\d+) loss (-?[\d.]+)")  # trainer.ProgressLog's line
 
 
@@ -55,13 +51,7 @@ def stage(title: str, script: str, recipe: str, log: Path, *args: str) -> None:
     cmd = [sys.executable, str(ROOT / script), "--config", str(ROOT / "recipes" / recipe), "--disable_tqdm", "true"]
     with (
         open(log, "w") as f,
-        subprocess.Popen(
-            [*cmd, *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "OMP_NUM_THREADS": str(THREADS)},
-        ) as proc,
+        subprocess.Popen([*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc,
     ):
         for line in proc.stdout:
             f.write(line)
@@ -83,6 +73,9 @@ def quiet(log: Path):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="outputs/quickstart")
+    # Fixed, not "all cores": another thread count sums floats in another order, which a few hundred training steps
+    # carry into other answers, so the seed alone fixes the result only at a given thread count.
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, here and in each stage")
     parser.add_argument("--n-pretrain", type=int, default=20000)
     parser.add_argument("--n-sft", type=int, default=8000)
     parser.add_argument("--n-test", type=int, default=400, help="questions in each held-out split")
@@ -269,10 +262,11 @@ def stage3_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def stage3_seeds(summaries: list[dict], method: str, out: Path) -> dict:
+def stage3_seeds(summaries: list[dict], method: str, out: Path, threads: int) -> dict:
     """One stage-3 run per seed -> out/stage3-<method>-seeds.md: per split and model, each seed's captions right /
     hallucinating (DPO) or questions of the kind GRPO trained on (GRPO)."""
-    command = f"python quickstart.py --seeds {' '.join(str(s['seed']) for s in summaries)} --stage3 {method}"
+    seeds = " ".join(str(s["seed"]) for s in summaries)
+    command = f"python quickstart.py --seeds {seeds} --threads {threads} --stage3 {method}"
     cells = {"dpo": lambda s, _: f"{s['captions']:.1%} / {s['hallucination']:.1%}",
              "grpo": lambda s, kind: f"{kind} {s[kind]:.1%}, all {s['questions']:.1%}"}[method]  # fmt: skip
     what = "captions right / hallucinating" if method == "dpo" else "questions of the kind trained on, and all"
@@ -302,15 +296,16 @@ def seeds_table(summaries: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the stages' processes inherit it
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     once = run_stage3 if args.stage3 else run
     if not args.seeds:
         return once(args, out)
     summaries = [once(argparse.Namespace(**{**vars(args), "seed": seed}), out / f"seed-{seed}") for seed in args.seeds]
     if args.stage3:
-        return stage3_seeds(summaries, args.stage3, out)
-    command = "python quickstart.py --seeds " + " ".join(map(str, args.seeds))
+        return stage3_seeds(summaries, args.stage3, out, args.threads)
+    command = f"python quickstart.py --seeds {' '.join(map(str, args.seeds))} --threads {args.threads}"
     table_md = (f"Held-out accuracy per seed (`{command}`); in brackets the higher of the two blind baselines, and "
                 f"chance\n\n{seeds_table(summaries)}\n")  # fmt: skip
     (out / "seeds.md").write_text(table_md)

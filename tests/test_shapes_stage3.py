@@ -132,8 +132,9 @@ def finished_stage2(tiny_checkpoint, tmp_path) -> Path:
 def test_stage3_runs_end_to_end_and_its_sft_baseline_has_the_same_steps_and_examples(method, finished_stage2,
                                                                                      monkeypatch):  # fmt: skip
     monkeypatch.setattr(quickstart, "stage", in_process)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # quickstart sets it; put back after
     out = finished_stage2
-    summary = quickstart.main(["--out", str(out), "--stage3", method, "--stage3-steps", "2"])
+    summary = quickstart.main(["--out", str(out), "--stage3", method, "--stage3-steps", "2", "--threads", "1"])
     recipe = quickstart.yaml.safe_load((ROOT / "recipes" / f"quickstart_{method}.yaml").read_text())
     per_step = recipe["global_batch_size"] // recipe.get("num_generations", 1)
     # read back from what each run wrote (its model card's settings), not from what quickstart asked for

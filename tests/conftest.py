@@ -35,6 +35,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop(server: subprocess.Popen) -> None:
+    """A server we started, stopped: politely, then for good."""
+    server.terminate()
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    """A saved checkpoint's tensors."""
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def changed(before: dict, after: dict, prefix: str) -> bool:
+    """Whether any tensor whose name starts with `prefix` differs (there must be one)."""
+    keys = [k for k in before if k.startswith(prefix)]
+    assert keys, prefix
+    return any(not torch.equal(before[k], after[k]) for k in keys)
+
+
 def torchrun(nproc: int = 2) -> list[str]:
     """`torchrun --nproc_per_node N` on a free port, from this interpreter."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",

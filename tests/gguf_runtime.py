@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from conftest import free_port
+from conftest import free_port, stop
 
 # One thread: the tiny models gain nothing from more, and llama.cpp's threads spin-wait for each other, which on a
 # machine busy with other jobs costs far more than it saves.
@@ -140,9 +140,4 @@ def llama_cpp_server(model_path: Path, mmproj: Path, log_path: Path):
                 time.sleep(0.25)
         yield url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server)

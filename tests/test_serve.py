@@ -16,7 +16,7 @@ import urllib.request
 import openai
 import pytest
 import torch
-from conftest import free_port, shape_image, user_turn
+from conftest import free_port, shape_image, stop, user_turn
 
 from qwen_siglip.llava import export
 
@@ -56,12 +56,7 @@ def served(tiny_checkpoint, tmp_path_factory):
         wait_until_ready(server, url, log_path)
         yield openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=30, max_retries=0), folder
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server)
 
 
 def as_data_url(image) -> str:

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CPU_RUN, ROOT, run_stage, shape_image, torchrun
-from safetensors.torch import load_file
+from conftest import CPU_RUN, ROOT, changed, run_stage, shape_image, torchrun, weights
 from test_training import FAKE_TOKEN, files_the_push_uploads, mock_hub
 from transformers import TrainerCallback
 from trl import DPOTrainer
@@ -65,16 +64,6 @@ def stage_args(stage: str, start: Path, toy: dict, out: Path, *extra: str) -> li
     base = CPU_RUN if stage == "dpo" else [*GRPO_RUN, "--reward_funcs", "length_format"]
     return ["--model_name_or_path", str(start), "--dataset_name", str(data), "--output_dir", str(out), *base,
             "--max_steps", "2", *extra]  # fmt: skip
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "model.safetensors")
-
-
-def changed(before: dict, after: dict, prefix: str) -> bool:
-    keys = [k for k in before if k.startswith(prefix)]
-    assert keys, prefix
-    return any(not torch.equal(before[k], after[k]) for k in keys)
 
 
 def sequence_logp(model, processor, prompt: list, completion: list, image) -> torch.Tensor:

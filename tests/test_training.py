@@ -11,7 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CPU_RUN, ROOT, RUNNER, build_tiny, chat, free_port, run_stage, shape_image, torchrun
+from conftest import (
+    CPU_RUN,
+    ROOT,
+    RUNNER,
+    build_tiny,
+    changed,
+    chat,
+    free_port,
+    run_stage,
+    shape_image,
+    torchrun,
+    weights,
+)
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 from trl import SFTConfig
@@ -94,16 +106,6 @@ class RecordOptimizer(TrainerCallback):
 @pytest.fixture(scope="module")
 def stage1(tiny_bases, shapes_data, tmp_path_factory) -> Path:
     return pretrain(tiny_bases, shapes_data, tmp_path_factory.mktemp("stage1"), "--report_to", "tensorboard")
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "model.safetensors")
-
-
-def changed(before: dict, after: dict, prefix: str) -> bool:
-    keys = [k for k in before if k.startswith(prefix)]
-    assert keys, prefix
-    return any(not torch.equal(before[k], after[k]) for k in keys)
 
 
 def test_stage1_freezes_everything_but_the_projector(tiny):

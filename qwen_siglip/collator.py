@@ -56,16 +56,20 @@ class VLMCollator:
         self.spare: tuple | None = None  # the last good row, to stand in for a later batch whose examples all fail
 
     def __call__(self, examples: list[dict | None]) -> dict[str, torch.Tensor]:
-        rows = [row for row in map(self.encode, examples) if row is not None]
-        if not rows:
-            rows = self._replacement_rows()
-        else:
-            self.spare = rows[0]
+        rows = self.usable_rows(self.encode, examples)
         batch = self.pad([row[:2] for row in rows])
         pixels = [p for row in rows for p in row[2]]
         if pixels:
             batch["pixel_values"] = torch.stack(pixels)  # (n_images, 3, H, W), in order of appearance
         return batch
+
+    def usable_rows(self, encode, examples: list[dict | None]) -> list[tuple]:
+        """`encode(example)` of every example that encodes; the first becomes the spare. If none does, the spare."""
+        rows = [row for row in map(encode, examples) if row is not None]
+        if not rows:
+            return self._replacement_rows()
+        self.spare = rows[0]
+        return rows
 
     def _replacement_rows(self) -> list[tuple]:
         """Every example failed. Non-strict: train on the last good example again (counted) rather than die

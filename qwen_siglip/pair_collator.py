@@ -31,11 +31,7 @@ class PairCollator(VLMCollator):
     """Collate preference pairs for `DPOTrainer(data_collator=...)`; skips, padding and spares are VLMCollator's."""
 
     def __call__(self, examples: list[dict | None]) -> dict[str, torch.Tensor]:
-        pairs = [pair for pair in map(self.encode_pair, examples) if pair is not None]
-        if not pairs:
-            pairs = self._replacement_rows()
-        else:
-            self.spare = pairs[0]
+        pairs = self.usable_rows(self.encode_pair, examples)
         # VLMCollator.pad right-pads (ids, labels) rows; a label that is not IGNORE_INDEX marks a completion token.
         batch = self.pad([pair[0] for pair in pairs] + [pair[1] for pair in pairs])
         batch["completion_mask"] = (batch.pop("labels") != IGNORE_INDEX).long()

@@ -99,15 +99,13 @@ def corrupt(config: Config, attribute: str, rng: random.Random) -> Config | None
         parts[i] = (cell, colour, rng.choice([s for s in SHAPES if s != shape and allowed(colour, s)]))
     elif attribute == "position":
         parts[i] = (rng.choice(free), colour, shape)
-    elif attribute == "object" and len(parts) < 3:
+    elif attribute == "object":
+        if len(parts) == 3:
+            return None
         parts.append((rng.choice(free), *rng.choice([p for p in synthetic.PAIRS if allowed(*p)])))
     else:
-        return None if attribute == "object" else _unknown(attribute)
+        raise ValueError(f"unknown attribute {attribute!r}: expected one of {ATTRIBUTES}")
     return tuple(sorted(parts))
-
-
-def _unknown(attribute: str):
-    raise ValueError(f"unknown attribute {attribute!r}: expected one of {ATTRIBUTES}")
 
 
 def caption_of(config: Config, lang: str) -> str:
@@ -138,7 +136,8 @@ def write_pairs(out: Path, n: int, seed: int, image_size: int = synthetic.IMAGE_
         pairs.append({"prompt": [prompt], "chosen": [chosen], "rejected": [{**chosen, "content": rejected}],
                       "images": [image], "attribute": attribute})  # fmt: skip
         sft.append({"conversations": [prompt, chosen], "image": image})
-    return {"pairs": _write(out / "pairs.jsonl", pairs), "sft": _write(out / "pairs_sft.jsonl", sft)}
+    write = synthetic.write_jsonl
+    return {"pairs": write(out / "pairs.jsonl", pairs), "sft": write(out / "pairs_sft.jsonl", sft)}
 
 
 # ----------------------------------------------------------------------------- GRPO prompts
@@ -154,7 +153,7 @@ def write_prompts(out: Path, n: int, kind: str, seed: int, image_size: int = syn
         scene, image = synthetic.render(rng, rng.choice(pool[k, value]), image_size), f"images/prompt_{i:06d}.png"
         synthetic.draw(scene, image_size).save(out / image)
         rows.append(synthetic.sft_row(rng, scene, image, k, lang, multi_turn=False))
-    return _write(out / "prompts.jsonl", rows)
+    return synthetic.write_jsonl(out / "prompts.jsonl", rows)
 
 
 def kind_scores(predictions: list[dict]) -> dict[str, float]:
@@ -196,7 +195,7 @@ def score_heldout(checkpoint: Path, data: dict[str, Path], tasks: dict[str, int]
             with torch.no_grad():
                 result = evaluate(model, processor, [dataset[i] for i in range(len(dataset))], 128, tokens, blinds={})
             (out / split / task).mkdir(parents=True, exist_ok=True)
-            _write(out / split / task / "predictions.jsonl", result["predictions"])
+            synthetic.write_jsonl(out / split / task / "predictions.jsonl", result["predictions"])
             found.setdefault(split, {})[task] = result["predictions"]
     return summarize(found)
 
@@ -244,8 +243,3 @@ def budget(run: Path) -> dict[str, int]:
     steps, batch = int(rows["epochs / steps"].split(" / ")[1]), int(rows["global batch"])
     per_prompt = int(rows.get("answers per prompt / max answer tokens", "1 / 0").split(" / ")[0])
     return {"steps": steps, "examples": steps * batch // per_prompt}
-
-
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    return path

@@ -261,7 +261,7 @@ def _writer(out: Path, image_size: int):
     return save
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     return path
 
@@ -291,7 +291,7 @@ def _sft_train(out: Path, n: int, seed: int, save, pool: dict, seen: set, image_
         seen.add(configuration(scene))
         rows.append({"conversations": caption_turns(rng, scene, lang), "image": save(scene, f"train_{i:06d}")})
     rng.shuffle(rows)
-    return _write_jsonl(out / "sft_train.jsonl", rows)
+    return write_jsonl(out / "sft_train.jsonl", rows)
 
 
 def _heldout(out: Path, split: str, n: int, n_captions: int, seed: int, save, pool: dict, size: int) -> dict:
@@ -305,14 +305,14 @@ def _heldout(out: Path, split: str, n: int, n_captions: int, seed: int, save, po
     for i, (kind, value, lang) in enumerate(plan(n, rng, answers)):
         scene = _draw(rng, pool, kind, value, size)
         rows.append(sft_row(rng, scene, save(scene, f"test_{split}_{i:06d}"), kind, lang, multi_turn=False))
-    names["questions"] = _write_jsonl(out / f"{heldout_name(split, 'questions')}.jsonl", rows)
+    names["questions"] = write_jsonl(out / f"{heldout_name(split, 'questions')}.jsonl", rows)
     if n_captions:
         rows, counts = [], answers["count"]
         for i in range(n_captions):
             scene, lang = _draw(rng, pool, "count", counts[i % len(counts)], size), LANGS[i // len(counts) % 2]
             image = save(scene, f"caption_test_{split}_{i:06d}")
             rows.append({"conversations": caption_turns(rng, scene, lang), "image": image})
-        names["captions"] = _write_jsonl(out / f"{heldout_name(split, 'captions')}.jsonl", rows)
+        names["captions"] = write_jsonl(out / f"{heldout_name(split, 'captions')}.jsonl", rows)
     return {heldout_name(split, task): path for task, path in names.items()}
 
 
